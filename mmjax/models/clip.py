@@ -1,0 +1,74 @@
+"""CLIP (Radford et al. 2021) and SigLIP's variant of it (Zhai et al. 2023).
+
+A ViT image tower and a causal text tower, each followed by a bias-free projection into a
+shared embedding space, plus a learnable temperature. `encode_image` / `encode_text` return
+unnormalised projected embeddings (open_clip's convention); `__call__` returns both
+L2-normalised plus exp(logit_scale), clipped at 100, and SigLIP's logit bias when enabled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.models import layers, text, vit
+
+MAX_LOGIT_SCALE = 100.0
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+
+
+class CLIP(nn.Module):
+    """Two towers and a temperature. `image` and `text` hold the towers' fields."""
+
+    embed_dim: int = 512
+    image: Any = None               # dict of vit.ViT fields, e.g. {"variant": "B/16"}
+    text: Any = None                # dict of text.TextTransformer fields
+    logit_scale_init: float = float(np.log(1 / 0.07))
+    logit_bias_init: float | None = None   # set (SigLIP: -10) to add a learnable bias
+    dtype: layers.Dtype = jnp.float32
+
+    def setup(self):
+        image_cfg = dict(pool="cls", pre_norm=True, patch_bias=False, ln_eps=1e-5)
+        image_cfg.update(dict(self.image or {}))
+        image_cfg.setdefault("dtype", self.dtype)
+        if image_cfg.get("num_classes") is not None:
+            raise ValueError("CLIP's image tower must not have a classifier head (num_classes)")
+        text_cfg = dict(self.text or {})
+        text_cfg.setdefault("dtype", self.dtype)
+        self.visual = vit.ViT(**image_cfg)
+        self.textual = text.TextTransformer(**text_cfg)
+
+        def proj(name):
+            return nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype, name=name,
+                            kernel_init=layers.dense_init(("embed", None), nn.initializers.lecun_normal()))
+        self.image_proj = proj("image_proj")
+        self.text_proj = proj("text_proj")
+        self.logit_scale = self.param("logit_scale", nn.with_logical_partitioning(
+            nn.initializers.constant(self.logit_scale_init), ()), ())
+        if self.logit_bias_init is not None:
+            self.logit_bias = self.param("logit_bias", nn.with_logical_partitioning(
+                nn.initializers.constant(self.logit_bias_init), ()), ())
+
+    def encode_image(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        return self.image_proj(self.visual(images, train=train)).astype(jnp.float32)
+
+    def encode_text(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
+        return self.text_proj(self.textual(tokens, train=train)).astype(jnp.float32)
+
+    def scale(self) -> jax.Array:
+        """exp(logit_scale), clipped at MAX_LOGIT_SCALE (open_clip clamps the raw parameter)."""
+        return jnp.exp(jnp.clip(self.logit_scale, None, np.log(MAX_LOGIT_SCALE)))
+
+    def __call__(self, images: jax.Array, tokens: jax.Array, *, train: bool = False):
+        zimg = l2_normalize(self.encode_image(images, train=train))
+        ztxt = l2_normalize(self.encode_text(tokens, train=train))
+        if self.logit_bias_init is None:
+            return zimg, ztxt, self.scale()
+        return zimg, ztxt, self.scale(), self.logit_bias

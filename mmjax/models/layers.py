@@ -1,0 +1,232 @@
+"""Shared building blocks: attention, MLP, norms, patch and position embeddings.
+
+Every parameter is created with logical axis names (see `mmjax.sharding.LOGICAL_AXES`) so the
+same module shards as data-parallel, FSDP or tensor-parallel by changing rules only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),   # exact erf GELU, as timm / open_clip
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),  # big_vision's default
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; known: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Annotates an activation with logical axes (a no-op outside a mesh/rules context)."""
+    return nn.with_logical_constraint(x, names)
+
+
+def dense_init(names: tuple[str | None, ...], init=nn.initializers.xavier_uniform()):
+    return nn.with_logical_partitioning(init, names)
+
+
+def LayerNorm(epsilon: float = 1e-6, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm with logically partitioned scale and bias (computed in float32)."""
+    return nn.LayerNorm(
+        epsilon=epsilon, dtype=jnp.float32, param_dtype=jnp.float32, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+
+
+def causal_mask(length: int) -> jax.Array:
+    """(1, 1, L, L) boolean mask: True where a query may attend to a key."""
+    return jnp.tril(jnp.ones((length, length), bool))[None, None]
+
+
+def padding_mask(valid: jax.Array) -> jax.Array:
+    """Key-padding mask (B, 1, 1, K) from a (B, K) boolean array of valid keys."""
+    return valid.astype(bool)[:, None, None, :]
+
+
+class HeadsDense(nn.Module):
+    """x (..., embed) → (..., heads, head_dim), kernel shaped (embed, heads, head_dim)."""
+
+    num_heads: int
+    head_dim: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
+        kernel = self.param("kernel", dense_init(("embed", "heads", "kv"), init),
+                            (x.shape[-1], self.num_heads, self.head_dim))
+        y = jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", dense_init(("heads", "kv"), nn.initializers.zeros),
+                              (self.num_heads, self.head_dim))
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class MergeHeadsDense(nn.Module):
+    """x (..., heads, head_dim) → (..., features), kernel shaped (heads, head_dim, features)."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+        kernel = self.param("kernel", dense_init(("heads", "kv", "embed"), init),
+                            (*x.shape[-2:], self.features))
+        y = jnp.einsum("...hk,hkd->...d", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", dense_init(("embed",), nn.initializers.zeros), (self.features,))
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Attention(nn.Module):
+    """Multi-head attention: self, cross (pass `inputs_kv`), causal, with boolean masks.
+
+    Separate q/k/v kernels shaped (embed, heads, head_dim) keep conversion from fused PyTorch
+    qkv weights a one-time split. `attention_impl` picks the `jax.nn.dot_product_attention`
+    backend ("xla" runs everywhere, "cudnn" is the fused GPU kernel).
+    """
+
+    num_heads: int
+    head_dim: int | None = None
+    out_dim: int | None = None
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *,
+                 mask: jax.Array | None = None, causal: bool = False) -> jax.Array:
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"Unknown attention_impl {self.attention_impl!r}; known: {ATTENTION_IMPLS}")
+        inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+        width = inputs_q.shape[-1]
+        if self.head_dim is None and width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        head_dim = self.head_dim or width // self.num_heads
+
+        def proj(name: str) -> HeadsDense:
+            return HeadsDense(self.num_heads, head_dim, self.use_bias, self.dtype, name=name)
+
+        q = proj("query")(inputs_q)
+        k = proj("key")(inputs_kv)
+        v = proj("value")(inputs_kv)
+        names = ("act_batch", "act_len", "act_heads", "act_kv")
+        q, k, v = (constrain(t, names) for t in (q, k, v))
+        x = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=causal,
+            implementation=None if self.attention_impl == "xla" else self.attention_impl)
+        x = constrain(x, names)
+        out = MergeHeadsDense(self.out_dim or width, self.use_bias, self.dtype, name="out")(x)
+        return constrain(out, ("act_batch", "act_len", "act_emb"))
+
+
+class Mlp(nn.Module):
+    """Two-layer feed-forward block: Dense → activation → dropout → Dense."""
+
+    mlp_dim: int
+    out_dim: int | None = None
+    act: str = "gelu"
+    dropout: float = 0.0
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        width = self.out_dim or x.shape[-1]
+        x = nn.Dense(self.mlp_dim, use_bias=self.use_bias, dtype=self.dtype, name="fc1",
+                     kernel_init=dense_init(("embed", "mlp")),
+                     bias_init=dense_init(("mlp",), nn.initializers.normal(1e-6)))(x)
+        x = constrain(activation(self.act)(x), ("act_batch", "act_len", "act_mlp"))
+        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+        x = nn.Dense(width, use_bias=self.use_bias, dtype=self.dtype, name="fc2",
+                     kernel_init=dense_init(("mlp", "embed")),
+                     bias_init=dense_init(("embed",), nn.initializers.normal(1e-6)))(x)
+        return constrain(x, ("act_batch", "act_len", "act_emb"))
+
+
+class PatchEmbed(nn.Module):
+    """Splits NHWC images into non-overlapping patches and projects them: (B, h, w, width)."""
+
+    width: int
+    patch_size: tuple[int, int]
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return nn.Conv(
+            self.width, self.patch_size, strides=self.patch_size, padding="VALID",
+            use_bias=self.use_bias, dtype=self.dtype, name="conv",
+            kernel_init=dense_init((None, None, None, "embed"), nn.initializers.lecun_normal()),
+            bias_init=dense_init(("embed",), nn.initializers.zeros))(images)
+
+
+def sincos_2d(grid: tuple[int, int], width: int, temperature: float = 10_000.0) -> np.ndarray:
+    """Fixed 2-D sine-cosine position embedding (MoCo v3 / MAE style), shape (1, h*w, width)."""
+    if width % 4:
+        raise ValueError(f"sincos_2d needs a width divisible by 4, got {width}")
+    h, w = grid
+    y, x = np.mgrid[:h, :w].astype(np.float32)
+    omega = 1.0 / temperature ** (np.arange(width // 4, dtype=np.float32) / (width // 4))
+    y = y.reshape(-1)[:, None] * omega[None]
+    x = x.reshape(-1)[:, None] * omega[None]
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)[None]
+
+
+def resample_posemb(posemb: jax.Array, new_grid: tuple[int, int], num_prefix: int = 0,
+                    method: str = "bilinear") -> jax.Array:
+    """Resizes a (1, prefix + h*w, width) learned position embedding to a new square/rect grid.
+
+    Prefix tokens (e.g. [CLS]) keep their embeddings; the grid part is interpolated.
+    """
+    prefix, grid_part = posemb[:, :num_prefix], posemb[:, num_prefix:]
+    old = int(round(np.sqrt(grid_part.shape[1])))
+    if old * old != grid_part.shape[1]:
+        raise ValueError(f"Cannot infer a square grid from {grid_part.shape[1]} position embeddings")
+    width = grid_part.shape[-1]
+    grid_part = grid_part.reshape(1, old, old, width)
+    grid_part = jax.image.resize(grid_part, (1, *new_grid, width), method=method)
+    grid_part = grid_part.reshape(1, new_grid[0] * new_grid[1], width)
+    return jnp.concatenate([prefix, grid_part.astype(posemb.dtype)], axis=1)
+
+
+class LearnedPosEmb(nn.Module):
+    """A learned (1, length, width) position embedding added to the input."""
+
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _, length, width = x.shape
+        if self.has_variable("params", "pos_embedding"):
+            stored = jnp.shape(nn.meta.unbox(self.get_variable("params", "pos_embedding")))
+            if stored[1] != length:
+                raise ValueError(
+                    f"Position embedding has {stored[1]} positions but the input has {length} "
+                    "tokens (another image size?); resample it with layers.resample_posemb")
+        pe = self.param("pos_embedding",
+                        nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
+                                                     (None, None, "embed")),
+                        (1, length, width))
+        return x + pe.astype(x.dtype)

@@ -1,0 +1,171 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) with big_vision's variants table.
+
+`ViT(variant="B/16")` expands to width/depth/mlp/heads/patch; any field can be overridden.
+`__call__` returns logits when `num_classes` is set, else pooled features (or all tokens with
+`pool="none"`); the encoded tokens and pre-logits are sown into `intermediates`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models import layers, transformer
+
+# name: (width, depth, mlp_dim, num_heads)
+VARIANTS = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+}
+POOLS = ("cls", "gap", "map", "none")
+POSEMBS = ("learn", "sincos2d")
+
+
+def parse_variant(variant: str) -> dict:
+    """"B/16" -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)."""
+    name, _, patch = variant.partition("/")
+    if name not in VARIANTS or (patch and not patch.isdigit()):
+        raise ValueError(f"Unknown ViT variant {variant!r}; use NAME[/PATCH] with NAME in {list(VARIANTS)}")
+    width, depth, mlp_dim, num_heads = VARIANTS[name]
+    out = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+    if patch:
+        out["patch_size"] = int(patch)
+    return out
+
+
+def check_images(images: jax.Array, channels: int, patch: tuple[int, int]) -> None:
+    """Raises a clear error for inputs that are not NHWC float images divisible into patches."""
+    if images.ndim != 4 or images.shape[-1] != channels:
+        raise ValueError(f"ViT expects NHWC images with {channels} channels, got shape {images.shape}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"ViT expects floating-point images (normalised), got dtype {images.dtype}")
+    if images.shape[1] % patch[0] or images.shape[2] % patch[1]:
+        raise ValueError(f"Image size {images.shape[1:3]} is not divisible by the patch size {patch}")
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling: one learned probe attends over the tokens."""
+
+    num_heads: int
+    mlp_dim: int
+    ln_eps: float = 1e-6
+    dtype: layers.Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        probe = self.param("probe", nn.with_logical_partitioning(
+            nn.initializers.xavier_uniform(), (None, None, "embed")), (1, 1, x.shape[-1]))
+        probe = jnp.broadcast_to(probe.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+        x = layers.Attention(self.num_heads, dtype=self.dtype, name="attn")(probe, x)
+        y = layers.LayerNorm(self.ln_eps, name="ln")(x)
+        x = x + layers.Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
+        return x[:, 0]
+
+
+class ViT(nn.Module):
+    """ViT image encoder / classifier."""
+
+    variant: str | None = None
+    width: int | None = None
+    depth: int | None = None
+    mlp_dim: int | None = None
+    num_heads: int | None = None
+    patch_size: int | tuple[int, int] | None = None
+    in_channels: int = 3
+    pool: str = "cls"
+    posemb: str = "learn"
+    pre_norm: bool = False          # CLIP's ln_pre before the blocks
+    fc_norm: bool = False           # norm the pooled vector instead of all tokens
+    patch_bias: bool = True
+    num_classes: int | None = None
+    representation_size: int | None = None
+    head_zero_init: bool = True
+    head_bias_init: float = 0.0
+    dropout: float = 0.0
+    act: str = "gelu"
+    ln_eps: float = 1e-6
+    layer_scale: float | None = None
+    qkv_bias: bool = True
+    dtype: layers.Dtype = jnp.float32
+    attention_impl: str = "xla"
+    scan: bool = False
+    remat_policy: str = "none"
+
+    def arch(self) -> dict:
+        """The resolved architecture: the variant's values with explicit fields overriding them."""
+        arch = parse_variant(self.variant) if self.variant else {}
+        for key in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
+            if getattr(self, key) is not None:
+                arch[key] = getattr(self, key)
+        missing = [k for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size") if k not in arch]
+        if missing:
+            raise ValueError(f"ViT needs a variant or explicit {missing}")
+        patch = arch["patch_size"]
+        arch["patch_size"] = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        return arch
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        if self.pool not in POOLS:
+            raise ValueError(f"Unknown pool {self.pool!r}; known: {POOLS}")
+        if self.posemb not in POSEMBS:
+            raise ValueError(f"Unknown posemb {self.posemb!r}; known: {POSEMBS}")
+        arch = self.arch()
+        check_images(images, self.in_channels, arch["patch_size"])
+        width = arch["width"]
+
+        x = layers.PatchEmbed(width, arch["patch_size"], use_bias=self.patch_bias, dtype=self.dtype,
+                              name="embedding")(images.astype(self.dtype))
+        b, h, w, _ = x.shape
+        x = x.reshape(b, h * w, width)
+        if self.posemb == "sincos2d":
+            x = x + layers.sincos_2d((h, w), width).astype(x.dtype)
+        if self.pool == "cls":
+            cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
+                             (1, 1, width))
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, width)), x], axis=1)
+        if self.posemb == "learn":
+            x = layers.LearnedPosEmb(name="posemb")(x)
+        if self.pre_norm:
+            x = layers.LayerNorm(self.ln_eps, name="ln_pre")(x)
+        x = layers.constrain(x, ("act_batch", "act_len", "act_emb"))
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+
+        x = transformer.Encoder(
+            depth=arch["depth"], num_heads=arch["num_heads"], mlp_dim=arch["mlp_dim"],
+            dropout=self.dropout, act=self.act, ln_eps=self.ln_eps, layer_scale=self.layer_scale,
+            qkv_bias=self.qkv_bias, dtype=self.dtype, attention_impl=self.attention_impl,
+            scan=self.scan, remat_policy=self.remat_policy, name="encoder")(x, deterministic=not train)
+        if not self.fc_norm:
+            x = layers.LayerNorm(self.ln_eps, name="norm")(x)
+        self.sow("intermediates", "encoded", x)
+
+        if self.pool == "none":
+            return x.astype(jnp.float32)
+        if self.pool == "cls":
+            x = x[:, 0]
+        elif self.pool == "gap":
+            x = x.mean(axis=1)
+        else:
+            x = MAPHead(arch["num_heads"], arch["mlp_dim"], self.ln_eps, self.dtype, name="map")(x)
+        if self.fc_norm:
+            x = layers.LayerNorm(self.ln_eps, name="norm")(x)
+        if self.representation_size is not None:
+            x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits",
+                                 kernel_init=layers.dense_init(("embed", "mlp")),
+                                 bias_init=layers.dense_init(("mlp",), nn.initializers.zeros))(x))
+        self.sow("intermediates", "pre_logits", x)
+        if self.num_classes is None:
+            return x.astype(jnp.float32)
+        kernel_init = nn.initializers.zeros if self.head_zero_init else nn.initializers.xavier_uniform()
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
+                          kernel_init=layers.dense_init(("embed", "classes"), kernel_init),
+                          bias_init=layers.dense_init(("classes",), nn.initializers.constant(self.head_bias_init)))(x)
+        return logits.astype(jnp.float32)

@@ -1,0 +1,21 @@
+"""Tasks by name: the trainer builds one from `config.task`."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from mmjax.tasks.base import Task
+
+_TASKS = {
+    "classification": "mmjax.tasks.classification:ClassificationTask",
+    "contrastive": "mmjax.tasks.contrastive:ContrastiveTask",
+}
+
+
+def get_task(config: ml_collections.ConfigDict) -> Task:
+    """Builds the task named by `config.task`."""
+    if config.task not in _TASKS:
+        raise ValueError(f"Unknown task {config.task!r}; known: {sorted(_TASKS)}")
+    import importlib
+    module, cls = _TASKS[config.task].split(":")
+    return getattr(importlib.import_module(module), cls)(config)

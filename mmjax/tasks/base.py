@@ -1,0 +1,66 @@
+"""What the trainer knows about a task, and helpers tasks share.
+
+A task builds its model from the config, turns a batch into (loss, metrics), and evaluates
+parameters. The trainer never looks inside the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from mmjax import sharding
+
+
+class Task:
+    """Base class: subclasses set `self.model` and implement the three methods below."""
+
+    tokenizer: Callable[[list[str]], np.ndarray] | None = None
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+
+    def init_variables(self, rng: jax.Array, batch: dict[str, jax.Array]) -> Any:
+        """Boxed (logically partitioned) variables for a batch of the given shapes."""
+        raise NotImplementedError
+
+    def loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
+        raise NotImplementedError
+
+    def evaluate(self, params: Any, mesh: Mesh) -> dict[str, float]:
+        raise NotImplementedError
+
+
+def put_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places a batch that every process holds in full onto the mesh, split over the data axes."""
+    target = sharding.batch_sharding(mesh)
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+    return {k: put(v) for k, v in batch.items()}
+
+
+def run_over_split(eval_cfg: ml_collections.ConfigDict, mesh: Mesh, fn: Callable[..., Any],
+                   tokenizer=None) -> Iterator[tuple[dict[str, np.ndarray], Any]]:
+    """Yields (batch with padding dropped, fn(device batch) with padding dropped) over a split.
+
+    The eval batch size is rounded up to a multiple of the data-parallel size so that every
+    batch shards evenly; padding rows carry mask=False and are removed here.
+    """
+    from mmjax.data import pipeline  # the data stack is only needed once evaluation runs
+
+    dp = sharding.data_parallel_size(mesh)
+    batch_size = -(-int(eval_cfg.get("batch_size", 256)) // dp) * dp
+    for batch in pipeline.eval_batches(eval_cfg.data, eval_cfg.pp, batch_size, tokenizer=tokenizer,
+                                       max_examples=eval_cfg.get("max_examples")):
+        mask = np.asarray(batch.pop("mask"), bool)
+        out = jax.device_get(fn(put_global(batch, mesh)))
+        keep = lambda x: np.asarray(x)[mask]  # noqa: E731
+        yield jax.tree.map(keep, batch), jax.tree.map(keep, out)

@@ -1,0 +1,99 @@
+"""Contrastive image–text pretraining (CLIP / SigLIP) and its evaluators."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mmjax.data import tokenizers
+from mmjax.evaluate import retrieval, zeroshot
+from mmjax.losses import contrastive
+from mmjax.models import clip
+from mmjax.tasks import base
+
+LOSSES = ("clip", "siglip")
+
+
+class ContrastiveTask(base.Task):
+    """Trains `mmjax.models.clip.CLIP` on batches with "image" and tokenized "text"."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        self.loss_name = config.get("loss", {}).get("name", "clip")
+        if self.loss_name not in LOSSES:
+            raise ValueError(f"Unknown contrastive loss {self.loss_name!r}; known: {LOSSES}")
+        model_cfg = config.model.to_dict()
+        if self.loss_name == "siglip" and model_cfg.get("logit_bias_init") is None:
+            raise ValueError("The siglip loss needs model.logit_bias_init (SigLIP uses -10)")
+        self.model = clip.CLIP(**model_cfg)
+        self.tokenizer = tokenizers.build_tokenizer(dict(config.input.tokenizer))
+        context = model_cfg.get("text", {}).get("context_length", 77)
+        if self.tokenizer.context_length > context:
+            raise ValueError(f"Tokenizer context length {self.tokenizer.context_length} exceeds the "
+                             f"text tower's context_length {context}")
+        self._encode_image = jax.jit(functools.partial(self.model.apply, method="encode_image"))
+        self._encode_text = jax.jit(functools.partial(self.model.apply, method="encode_text"))
+
+    def init_variables(self, rng, batch):
+        return self.model.init({"params": rng}, batch["image"], batch["text"])
+
+    def loss(self, params, batch, rng):
+        out = self.model.apply({"params": params}, batch["image"], batch["text"], train=True,
+                               rngs={"dropout": rng})
+        if self.loss_name == "clip":
+            loss, metrics = contrastive.clip_loss(*out)
+        else:
+            loss, metrics = contrastive.siglip_loss(*out)
+        metrics["logit_scale"] = out[2]
+        return loss, metrics
+
+    def encode_texts(self, params, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        """Embeds strings in fixed-size chunks (one compiled shape)."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            chunk = list(texts[start:start + batch_size])
+            tokens = self.tokenizer(chunk + [""] * (batch_size - len(chunk)))
+            emb = self._encode_text({"params": params}, jnp.asarray(tokens))
+            out.append(np.asarray(emb)[:len(chunk)])
+        return np.concatenate(out)
+
+    def evaluate(self, params, mesh):
+        metrics = {}
+        evals = self.config.get("evals", {})
+        if "zeroshot" in evals:
+            metrics.update(self._zeroshot(params, mesh, evals.zeroshot))
+        if "retrieval" in evals:
+            metrics.update(self._retrieval(params, mesh, evals.retrieval))
+        return metrics
+
+    def _zeroshot(self, params, mesh, cfg):
+        from mmjax.data import sources
+
+        names = list(cfg.get("class_names") or sources.class_names(cfg.data) or [])
+        if not names:
+            raise ValueError(f"Zero-shot eval on {cfg.data.name} needs class names: the data set has "
+                             "no 'label' ClassLabel feature; set evals.zeroshot.class_names")
+        class_embs = zeroshot.class_embeddings(
+            lambda texts: self.encode_texts(params, texts), names, list(cfg.templates))
+        embs, labels = [], []
+        encode = lambda b: self._encode_image({"params": params}, b["image"])  # noqa: E731
+        for batch, emb in base.run_over_split(cfg, mesh, encode):
+            embs.append(emb)
+            labels.append(batch["label"])
+        top1 = zeroshot.zeroshot_top1(np.concatenate(embs), np.concatenate(labels), class_embs)
+        return {"zeroshot/top1": top1, "zeroshot/num_classes": len(names)}
+
+    def _retrieval(self, params, mesh, cfg):
+        def encode(b):
+            return (self._encode_image({"params": params}, b["image"]),
+                    self._encode_text({"params": params}, b["text"]))
+        img, txt = [], []
+        for _, (i, t) in base.run_over_split(cfg, mesh, encode, tokenizer=self.tokenizer):
+            img.append(i)
+            txt.append(t)
+        recalls = retrieval.recall_at_k(np.concatenate(img), np.concatenate(txt), cfg.get("ks", (1, 5, 10)))
+        return {f"retrieval/{k}": v for k, v in recalls.items()}

@@ -1,0 +1,204 @@
+"""The one training loop. CLI: `mmjax-train --config experiments/x.py[:k=v] --workdir DIR [--config.a.b=v]`.
+
+config → mesh → task → sharded init (or restore) → donated, jitted train step → periodic
+logging, evaluation and async checkpoints. Everything model-specific lives in the task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mmjax import checkpoint, configs, metrics as metrics_lib, optim, sharding, tasks
+from mmjax.data import pipeline, sources
+
+LOG_KEYS = ("loss", "lr", "examples_per_sec", "eta")
+
+
+def total_steps(config: ml_collections.ConfigDict) -> int:
+    """`config.total_steps`, or `num_epochs` over the training split."""
+    if config.get("total_steps"):
+        return int(config.total_steps)
+    if config.get("num_epochs"):
+        examples = sources.num_examples(config.input.data)
+        return max(int(config.num_epochs * examples // config.input.batch_size), 1)
+    raise ValueError("Set config.total_steps or config.num_epochs")
+
+
+def check_writable(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_probe")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"Workdir {workdir!r} is not writable: {e}") from e
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, params, param_shardings, replicated):
+    """Shardings for the optimizer state: moments follow their parameters, counters replicate."""
+    abstract = jax.eval_shape(tx.init, params)
+    return optax.tree_map_params(tx, lambda _, s: s, abstract, param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
+def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    dropout_rng: jax.Array):
+    """(state, batch) -> (new state, metrics): one optimizer step on the task's loss."""
+
+    def train_step(state, batch):
+        step_rng = jax.random.fold_in(dropout_rng, state["step"])
+        (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(state["params"], batch, step_rng)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        aux = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, aux
+
+    return train_step
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Runs (or resumes) the experiment; returns the final evaluation metrics."""
+    check_writable(workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.get_rules(config.get("sharding", "dp"))
+    dp = sharding.data_parallel_size(mesh)
+    global_batch = int(config.input.batch_size)
+    if global_batch % dp:
+        raise ValueError(f"input.batch_size={global_batch} is not divisible by the data-parallel "
+                         f"size {dp} (mesh {dict(mesh.shape)}); change one of them")
+    steps = total_steps(config)
+    task = tasks.get_task(config)
+    writer = metrics_lib.MetricWriter(workdir)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    loader = pipeline.make_train_loader(
+        config.input.data, config.input.pp, global_batch, seed=config.get("seed", 0),
+        tokenizer=task.tokenizer, worker_count=config.input.get("worker_count", 0))
+    shapes_batch = next(iter(loader))
+    data_iter = iter(loader)
+    batch_sharding = sharding.batch_sharding(mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def to_global(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+                for k, v in local.items()}
+
+    rng = jax.random.key(config.get("seed", 0))
+    init_rng, dropout_rng = jax.random.split(rng)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        init_batch = {k: jnp.zeros((dp,) + np.shape(v)[1:], np.asarray(v).dtype)
+                      for k, v in shapes_batch.items()}
+        variables, var_shardings = sharding.init_sharded(task.init_variables, mesh, rules, init_rng, init_batch)
+        params, param_shardings = variables["params"], var_shardings["params"]
+        tx, schedule = optim.build_optimizer(config.optimizer, config.schedule, steps, params)
+        opt_shardings = optimizer_shardings(tx, params, param_shardings, replicated)
+        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+        state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+
+        ckpt_cfg = config.get("checkpoint", {})
+        ckpt = checkpoint.Checkpointer(workdir, ckpt_cfg.get("every_steps", 1000), ckpt_cfg.get("keep", 3))
+        start = ckpt.latest_step()
+        if start is not None:
+            state = ckpt.restore(start, checkpoint.abstract_like(state, state_shardings), data_iter)
+            print(f"Resumed from step {start} in {workdir}", flush=True)
+        start = int(start or 0)
+        n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+        print(f"{config.task}: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
+              f"{sharding.unsharded_fraction(state['params']):.0%} of parameter bytes replicated, "
+              f"{steps} steps of {global_batch} examples", flush=True)
+
+        train_step = make_train_step(task, tx, schedule, dropout_rng)
+        step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                          out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+        evals = config.get("evals", {})
+        eval_every = int(evals.get("every_steps", 0) or 0)
+        log_every = int(config.get("log_every_steps", 50))
+        final: dict[str, float] = {}
+        timer = {"t0": time.perf_counter(), "step0": start, "eval": 0.0, "ckpt": 0.0, "train_start": time.perf_counter()}
+
+        def run_eval(step: int) -> dict[str, float]:
+            t = time.perf_counter()
+            results = task.evaluate(state["params"], mesh)
+            timer["eval"] += time.perf_counter() - t
+            if results:
+                scalars = writer.write(step, results)
+                print(f"eval @ {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()), flush=True)
+            return results
+
+        for step in range(start + 1, steps + 1):
+            state, step_metrics = step_fn(state, to_global(next(data_iter)))
+            if step == start + 1:
+                print(f"first step (compile + run) took {time.perf_counter() - timer['t0']:.1f}s", flush=True)
+                timer["t0"], timer["step0"] = time.perf_counter(), step
+            if step % log_every == 0 or step == steps:
+                scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                if not np.isfinite(scalars["loss"]):
+                    raise FloatingPointError(f"Non-finite loss {scalars['loss']} at step {step}")
+                elapsed = time.perf_counter() - timer["t0"]
+                done = max(step - timer["step0"], 1)
+                scalars["examples_per_sec"] = done * global_batch / max(elapsed, 1e-9)
+                wall = time.perf_counter() - timer["train_start"]
+                scalars["eval_time_share"] = timer["eval"] / max(wall, 1e-9)
+                scalars["checkpoint_time_share"] = timer["ckpt"] / max(wall, 1e-9)
+                writer.write(step, scalars)
+                eta = metrics_lib.format_eta(elapsed / done * (steps - step))
+                print(metrics_lib.format_line(step, steps, {**scalars, "eta": eta}, LOG_KEYS), flush=True)
+                timer["t0"], timer["step0"] = time.perf_counter(), step
+            if eval_every and step % eval_every == 0 and step != steps:
+                run_eval(step)
+            t = time.perf_counter()
+            ckpt.save(step, state, data_iter, force=step == steps)
+            timer["ckpt"] += time.perf_counter() - t
+        final = run_eval(steps)
+        ckpt.close()
+    writer.close()
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump({k: float(v) for k, v in final.items()}, f, indent=2)
+    return final
+
+
+def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str, argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        prog="mmjax-train", description="Train an mmjax experiment.",
+        epilog="Override any config field with --config.FIELD=VALUE, e.g. --config.total_steps=100")
+    parser.add_argument("--config", required=True, help="experiments/<paper>/<recipe>.py[:key=value,...]")
+    parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard logs")
+    parser.add_argument("--coordinator_address", default=None, help="host:port for multi-process runs")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
+    args, rest = parser.parse_known_args(argv)
+    stray = [a for a in rest if not a.startswith("--config.")]
+    if stray:
+        parser.error(f"unrecognised arguments: {' '.join(stray)} (config fields are set with --config.FIELD=VALUE)")
+    config = configs.apply_overrides(configs.load_config(args.config), rest)
+    return config, args.workdir, args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config, workdir, args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.coordinator_address:
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    final = train(config, workdir)
+    print("Final metrics: " + json.dumps({k: round(float(v), 4) for k, v in final.items()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
