@@ -191,7 +191,18 @@ class ClipTokenizer:
             rf"{_CLIP_SOT}|{_CLIP_EOT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+",
             regex.IGNORECASE,
         )
+        self._bpe_cache_size = bpe_cache_size
         self._bpe = functools.lru_cache(maxsize=bpe_cache_size)(self._bpe_uncached)
+
+    def __getstate__(self) -> dict:
+        # The per-instance cache is not picklable; grain workers get a fresh one.
+        state = dict(self.__dict__)
+        del state["_bpe"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._bpe = functools.lru_cache(maxsize=self._bpe_cache_size)(self._bpe_uncached)
 
     def _bpe_uncached(self, token: str) -> tuple[str, ...]:
         """Applies merges to one byte-encoded word, lowest-ranked pair first."""

@@ -63,7 +63,7 @@ class Encoder(nn.Module):
     `scan=True` compiles one block and loops over stacked parameters (leading `layers` axis,
     param name `layers`), which keeps compile time flat in depth; `remat_policy` trades
     recomputation for activation memory. Unscanned layers are named `layer_0` ... and sow
-    their outputs into the `intermediates` collection.
+    their outputs as `encoded_0` ... into the `intermediates` collection.
     """
 
     depth: int
@@ -100,5 +100,5 @@ class Encoder(nn.Module):
             return x
         for i in range(self.depth):
             x = block(name=f"layer_{i}", **kwargs)(x, mask)
-            self.sow("intermediates", f"layer_{i}", x)
+            self.sow("intermediates", f"encoded_{i}", x)
         return x

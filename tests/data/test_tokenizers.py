@@ -364,3 +364,15 @@ def test_build_shapes():
     row = tok(" ".join(words))[0]
     assert tok.unk_token_id not in row
     assert row.argmax() == len(words) + 1 and row.max() == tok.eot_token_id
+
+
+def test_clip_tokenizer_pickles_for_data_workers():
+    """grain worker processes receive the tokenizer by pickling; the copy must agree."""
+    import pickle
+
+    from mmjax.data.tokenizers import ClipTokenizer, default_clip_vocab_path
+
+    tok = ClipTokenizer(default_clip_vocab_path())
+    copy = pickle.loads(pickle.dumps(tok))
+    texts = ["a photo of a cat.", "Ünïcödé & punctuation!!"]
+    np.testing.assert_array_equal(copy(texts), tok(texts))

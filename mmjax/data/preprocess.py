@@ -1,0 +1,195 @@
+"""Per-example preprocessing configured by a big_vision-style string.
+
+    "resize(36)|random_crop(32)|flip_lr|value_range(-1,1)|tokenize(key='caption', out='text')"
+
+Ops are separated by `|`; each is `name` or `name(args)` whose arguments are
+Python literals (parsed with `ast.literal_eval`, never `eval`). Image ops act on
+`key='image'` unless told otherwise. Random ops draw only from the numpy
+Generator passed with each example, so a pipeline is reproducible from its seed.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from mmjax.data import image_ops
+
+Example = dict[str, Any]
+Op = Callable[[Example, np.random.Generator], Example]
+Tokenizer = Callable[[list[str]], Any]  # list of texts -> int (N, L)
+
+# name -> (image function, whether it needs the rng).
+_IMAGE_OPS: dict[str, tuple[Callable[..., np.ndarray], bool]] = {
+    "decode": (image_ops.decode, False),
+    "resize": (image_ops.resize, False),
+    "resize_small": (image_ops.resize_small, False),
+    "central_crop": (image_ops.central_crop, False),
+    "random_crop": (image_ops.random_crop, True),
+    "inception_crop": (image_ops.inception_crop, True),
+    "flip_lr": (image_ops.flip_lr, True),
+    "value_range": (image_ops.value_range, False),
+    "normalize": (image_ops.normalize, False),
+}
+KNOWN_OPS: list[str] = sorted([*_IMAGE_OPS, "tokenize", "rename", "keep"])
+
+
+def split_ops(pp: str) -> list[str]:
+    """Splits `pp` at the `|` characters that are outside brackets and quotes."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(pp):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            parts.append(pp[start:i])
+            start = i + 1
+    parts.append(pp[start:])
+    return [p.strip() for p in parts]
+
+
+def parse_op(spec: str) -> tuple[str, tuple, dict]:
+    """Parses `name(args)` into (name, positional args, keyword args) of literals."""
+    try:
+        node = ast.parse(spec, mode="eval").body
+        if isinstance(node, ast.Name):
+            return node.id, (), {}
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            if any(isinstance(a, ast.Starred) for a in node.args) or any(
+                    k.arg is None for k in node.keywords):
+                raise ValueError("*args and **kwargs are not supported")
+            args = tuple(ast.literal_eval(a) for a in node.args)
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+            return node.func.id, args, kwargs
+        raise ValueError("expected `name` or `name(literal args)`")
+    except (SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot parse pp op {spec!r}: {e}") from e
+
+
+class Preprocess:
+    """Callable `(example, rng) -> example` built from a pp string.
+
+    The input dict is not modified. `tokenizer` (list[str] -> int (N, L)) is
+    needed only by the `tokenize` op.
+    """
+
+    def __init__(self, pp: str, tokenizer: Tokenizer | None = None):
+        self.pp = pp
+        self._ops: list[tuple[str, Op]] = []
+        for spec in split_ops(pp) if pp.strip() else []:
+            if not spec:
+                raise ValueError(f"empty op in pp string {pp!r}")
+            name, args, kwargs = parse_op(spec)
+            self._ops.append((spec, build_op(name, args, kwargs, tokenizer)))
+
+    def __call__(self, example: Example, rng: np.random.Generator | None = None) -> Example:
+        rng = np.random.default_rng(0) if rng is None else rng
+        example = dict(example)
+        for _, op in self._ops:
+            example = op(example, rng)
+        return example
+
+    @property
+    def ops(self) -> list[str]:
+        """The op specs, in order."""
+        return [spec for spec, _ in self._ops]
+
+    def __repr__(self) -> str:
+        return f"Preprocess({self.pp!r})"
+
+
+def build_op(name: str, args: tuple, kwargs: dict, tokenizer: Tokenizer | None = None) -> Op:
+    """Returns the op `name` configured with literal `args` / `kwargs`."""
+    if name in _IMAGE_OPS:
+        return _image_op(name, args, kwargs)
+    if name == "tokenize":
+        return _call_factory(name, _tokenize_op, args, kwargs, tokenizer=tokenizer)
+    if name == "rename":
+        return _call_factory(name, _rename_op, args, kwargs)
+    if name == "keep":
+        return _call_factory(name, _keep_op, args, kwargs)
+    raise ValueError(f"unknown pp op {name!r}; known ops: {', '.join(KNOWN_OPS)}")
+
+
+def _call_factory(name: str, factory: Callable[..., Op], args: tuple, kwargs: dict, **extra) -> Op:
+    try:
+        inspect.signature(factory).bind(*args, **kwargs, **extra)
+    except TypeError as e:
+        raise ValueError(f"pp op {name!r}: bad arguments {args}, {kwargs}: {e}") from e
+    return factory(*args, **kwargs, **extra)
+
+
+def _get(name: str, example: Example, key: str) -> Any:
+    if key not in example:
+        raise KeyError(f"pp op {name!r}: no key {key!r} in example with keys {sorted(example)}")
+    return example[key]
+
+
+def _image_op(name: str, args: tuple, kwargs: dict) -> Op:
+    fn, random = _IMAGE_OPS[name]
+    kwargs = dict(kwargs)
+    key = kwargs.pop("key", "image")
+    rng_kw = {"rng": None} if random else {}
+    try:
+        inspect.signature(fn).bind(None, *args, **kwargs, **rng_kw)
+    except TypeError as e:
+        params = list(inspect.signature(fn).parameters)[1:]
+        raise ValueError(
+            f"pp op {name!r}: bad arguments {args}, {kwargs} (takes {params} and key=): {e}"
+        ) from e
+
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        image = _get(name, example, key)
+        extra = {"rng": rng} if random else {}
+        example[key] = fn(image, *args, **kwargs, **extra)
+        return example
+
+    return op
+
+
+def _tokenize_op(key: str = "caption", out: str = "text", *, tokenizer: Tokenizer | None) -> Op:
+    """Tokenizes a text (-> int32 (L,)) or a list of texts (-> int32 (N, L))."""
+    if tokenizer is None:
+        raise ValueError(
+            "pp op 'tokenize' needs a tokenizer: pass tokenizer=... to the pipeline/Preprocess"
+        )
+
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        text = _get("tokenize", example, key)
+        single = isinstance(text, (str, bytes))
+        texts = [text] if single else list(np.asarray(text, dtype=object).reshape(-1))
+        texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
+        tokens = np.asarray(tokenizer(texts)).astype(np.int32)
+        example[out] = tokens[0] if single else tokens
+        return example
+
+    return op
+
+
+def _rename_op(**new_to_old: str) -> Op:
+    """`rename(text='caption')` moves example['caption'] to example['text']."""
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        values = {new: _get("rename", example, old) for new, old in new_to_old.items()}
+        for old in new_to_old.values():
+            example.pop(old)
+        example.update(values)
+        return example
+
+    return op
+
+
+def _keep_op(*keys: str) -> Op:
+    """Drops every key not listed."""
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        return {k: _get("keep", example, k) for k in keys}
+
+    return op
