@@ -47,13 +47,14 @@ def get_config(arg=None):
     c.evals = dict(
         every_steps=500,
         zeroshot=dict(data=dict(name="mmjax_shapes", split="test"), pp=pp_eval + "|keep('image','label')",
-                      batch_size=500, templates=list(ZERO_SHOT_TEMPLATES)),
+                      batch_size=500, max_examples=None, templates=list(ZERO_SHOT_TEMPLATES)),
         retrieval=dict(data=dict(name="mmjax_shapes", split="test"),
                        pp=pp_eval + "|tokenize(key='caption',out='text')|keep('image','text')",
-                       batch_size=500, ks=(1, 5, 10)),
+                       batch_size=500, max_examples=None, ks=(1, 5, 10)),
     )
     if arg.smoke:
         c.total_steps = 4
+        c.schedule.warmup_steps = 1
         c.input.batch_size = 32
         c.log_every_steps = 2
         c.checkpoint.every_steps = 2

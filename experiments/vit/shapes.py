@@ -10,12 +10,12 @@ from mmjax import configs
 
 
 def get_config(arg=None):
-    arg = configs.parse_arg(arg, steps=300, batch=128, pool="cls", smoke=False)
+    arg = configs.parse_arg(arg, steps=300, batch=128, pool="cls", posemb="learn", smoke=False)
     c = ml_collections.ConfigDict()
     c.task = "classification"
     c.seed = 0
     c.total_steps = arg.steps
-    c.model = dict(width=128, depth=4, num_heads=4, mlp_dim=512, patch_size=4, pool=arg.pool,
+    c.model = dict(width=128, depth=4, num_heads=4, mlp_dim=512, patch_size=4, pool=arg.pool, posemb=arg.posemb,
                    num_classes=24)
     c.loss = dict(name="softmax_xent", label_smoothing=0.0)
     c.input = dict(
@@ -32,9 +32,10 @@ def get_config(arg=None):
     c.checkpoint = dict(every_steps=100, keep=2)
     c.evals = dict(every_steps=100, top1=dict(data=dict(name="mmjax_shapes", split="test"),
                                               pp="resize(32)|value_range(-1,1)|keep('image','label')",
-                                              batch_size=500))
+                                              batch_size=500, max_examples=None))
     if arg.smoke:
         c.total_steps = 4
+        c.schedule.warmup_steps = 1
         c.input.batch_size = 32
         c.log_every_steps = 2
         c.checkpoint.every_steps = 2
