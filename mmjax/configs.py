@@ -93,10 +93,10 @@ def _parse_arg_value(text: str, default: Any, key: str) -> Any:
     return value
 
 
-def _split_items(arg: str) -> list[str]:
-    """Splits on commas outside brackets and quotes, so ``x=[1, 2],y=3`` has two items."""
+def split_top_level(text: str, sep: str) -> list[str]:
+    """Splits on `sep` outside brackets and quotes, so ``x=[1, 2],y=3`` has two items for ","."""
     items, depth, quote, start = [], 0, "", 0
-    for i, char in enumerate(arg):
+    for i, char in enumerate(text):
         if quote:
             quote = "" if char == quote else quote
         elif char in "'\"":
@@ -105,10 +105,10 @@ def _split_items(arg: str) -> list[str]:
             depth += 1
         elif char in ")]}":
             depth -= 1
-        elif char == "," and depth == 0:
-            items.append(arg[start:i])
+        elif char == sep and depth == 0:
+            items.append(text[start:i])
             start = i + 1
-    items.append(arg[start:])
+    items.append(text[start:])
     return items
 
 
@@ -124,7 +124,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     """
     values = dict(defaults)
     seen: set[str] = set()
-    for item in _split_items(arg or ""):
+    for item in split_top_level(arg or "", ","):
         item = item.strip()
         if not item:
             continue

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from mmjax import configs
 from mmjax.data import image_ops
 
 Example = dict[str, Any]
@@ -40,21 +41,7 @@ KNOWN_OPS: list[str] = sorted([*_IMAGE_OPS, "tokenize", "rename", "keep"])
 
 def split_ops(pp: str) -> list[str]:
     """Splits `pp` at the `|` characters that are outside brackets and quotes."""
-    parts, depth, quote, start = [], 0, None, 0
-    for i, ch in enumerate(pp):
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "|" and depth == 0:
-            parts.append(pp[start:i])
-            start = i + 1
-    parts.append(pp[start:])
-    return [p.strip() for p in parts]
+    return [part.strip() for part in configs.split_top_level(pp, "|")]
 
 
 def parse_op(spec: str) -> tuple[str, tuple, dict]:
