@@ -1,16 +1,323 @@
-"""Orbax checkpoints of the train state plus the data iterator's position.
+"""Orbax checkpoints of the train state plus every process's data-iterator position.
 
-Async saves every `every_steps`, keep-N, and auto-resume from the newest complete checkpoint
-in the workdir. The state is restored straight into the current mesh's shardings.
+Async saves every `every_steps`, keep-N, and auto-resume from the newest *good* checkpoint.
+
+Why a run survives a kill at any moment: orbax writes a step into `<step>.orbax-checkpoint-tmp`
+and renames it only when every file is written, and it deletes the oldest kept step only after
+that commit, so the last complete checkpoint is never removed before a newer one exists.
+Before the commit, process 0 adds a manifest (size and CRC32 of every file); on resume a step
+whose files do not match it (truncated, missing or altered files) is moved to
+`<workdir>/corrupt_checkpoints/` with a warning and the previous step is used instead.
+
+`load_train_state` / `restore_params` read a checkpoint onto the host as numpy arrays, with no
+mesh and no devices of the writing topology (for conversion and inspection).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
+import time
+import zlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+MANIFEST = "mmjax_manifest.json"
+# Files orbax (re)writes after the manifest is taken: commit markers, the step's metadata.
+_COMMIT_MARKER, _STEP_METADATA = "commit_success.txt", "_CHECKPOINT_METADATA"
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# Replicas of an array share its writing only in slices this large: below it, slicing costs
+# more than it saves (orbax's default slices every array, ~10 s of compiles for a tiny model).
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+# Test hook, off unless set: seconds to hold every commit open (the step stays a tmp dir), so
+# a test can SIGKILL the trainer while an async save is in flight.
+COMMIT_DELAY_ENV = "MMJAX_DEBUG_CHECKPOINT_COMMIT_DELAY_S"
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Saves and restores `{"state": train state, "data": iterator positions}` under workdir."""
+
+    def __init__(self, workdir: str, every_steps: int, keep: int = 3):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.corrupt_directory = os.path.abspath(os.path.join(workdir, "corrupt_checkpoints"))
+        self._saving_step: int | None = None
+        self._closed = False
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=max(int(every_steps), 1), create=True,
+            cleanup_tmp_directories=True,  # leftovers of a save that was killed
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._before_commit))
+        handlers = {"state": ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
+                    "data": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    def latest_step(self) -> int | None:
+        """Newest committed step (unverified); see `restore_latest` for the checked one."""
+        return self.manager.latest_step()
+
+    def due(self, step: int) -> bool:
+        """Whether `save(step, ...)` would write a checkpoint (without force)."""
+        return self.manager.should_save(step)
+
+    def save(self, step: int, state: Any, data_iterator: Any = None, force: bool = False) -> bool:
+        """Starts an async save when the interval says so (or `force`); returns whether it did.
+
+        Every process must call this at the same steps: the data positions of all processes
+        are gathered into the checkpoint.
+        """
+        if not force and not self.manager.should_save(step):
+            return False
+        items = {"state": ocp.args.PyTreeSave(state)}
+        if data_iterator is not None:
+            positions = _gather_from_processes(_encode_data_state(data_iterator.get_state()))
+            items["data"] = ocp.args.JsonSave({"per_process": positions})
+        self.manager.wait_until_finished()  # the commit callback must see this step's number
+        self._saving_step = step
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
+        """Restores step `step` into the shardings of `abstract_state` (ShapeDtypeStructs).
+
+        The target mesh may differ from the writer's (other device count, other preset).
+        """
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        items = {"state": ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args)}
+        if data_iterator is not None:
+            items["data"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if data_iterator is not None:
+            data_iterator.set_state(_decode_data_state(_this_process_position(restored["data"])))
+        return restored["state"]
+
+    def restore_latest(self, abstract_state: Any, data_iterator: Any = None) -> tuple[int | None, Any]:
+        """(step, state) of the newest checkpoint that passes its manifest; (None, None) if none.
+
+        Corrupt steps are moved aside with a warning. A step that passes its manifest but does
+        not restore (e.g. the model changed) raises: falling back would silently lose work.
+        """
+        found_any = False
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            found_any = True
+            problem = _agreed_problem(os.path.join(self.directory, str(step)))
+            if problem is None:
+                return step, self.restore(step, abstract_state, data_iterator)
+            if problem == _NO_MANIFEST:  # written without a manifest: trust orbax to notice damage
+                try:
+                    return step, self.restore(step, abstract_state, data_iterator)
+                except Exception as e:  # noqa: BLE001 - any read failure means a broken checkpoint
+                    problem = f"unreadable ({type(e).__name__}: {str(e)[:300]})"
+            moved = self._move_aside(step)
+            log.warning("Checkpoint step %d is corrupt: %s. Moved it to %s; falling back to the "
+                        "previous checkpoint.", step, problem, moved)
+        if found_any:
+            raise RuntimeError(
+                f"No usable checkpoint in {self.directory}: every step was corrupt and has been "
+                f"moved to {self.corrupt_directory}. Run the same command again to start from "
+                "scratch, or restore a good copy of a checkpoint into that directory.")
+        return None, None
+
+    def close(self) -> None:
+        """Waits for the pending save; safe to call more than once."""
+        if not self._closed:
+            self.manager.wait_until_finished()
+            self.manager.close()
+            self._closed = True
+
+    def _before_commit(self) -> None:
+        """Runs on process 0 once every process has written the step, just before the commit."""
+        step = self._saving_step
+        step_dir = os.path.join(self.directory, f"{step}{_TMP_SUFFIX}")
+        if not os.path.isdir(step_dir):  # storage where orbax commits in place (no rename)
+            step_dir = os.path.join(self.directory, str(step))
+        try:
+            write_manifest(step_dir)
+        except OSError as e:  # the checkpoint stays usable; it is just not verifiable
+            log.warning("Could not write the manifest of checkpoint step %s in %s: %s", step, step_dir, e)
+        delay = float(os.environ.get(COMMIT_DELAY_ENV) or 0)
+        if delay > 0:
+            print(f"{COMMIT_DELAY_ENV}: holding the commit of checkpoint step {step} for {delay}s",
+                  flush=True)
+            time.sleep(delay)
+
+    def _move_aside(self, step: int) -> str:
+        target = os.path.join(self.corrupt_directory, str(step))
+        if jax.process_index() == 0:
+            os.makedirs(self.corrupt_directory, exist_ok=True)
+            suffix = 0
+            while os.path.exists(target):
+                suffix += 1
+                target = os.path.join(self.corrupt_directory, f"{step}-{suffix}")
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        _sync("mmjax_checkpoint_move_aside")
+        self.manager.reload()
+        return target
+
+
+def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
+    """orbax's default type handlers, with `MIN_REPLICA_SLICE_BYTES` for jax.Arrays."""
+    registry = ocp.type_handlers.create_type_handler_registry(
+        *[(ty, ocp.type_handlers.get_type_handler(ty)) for ty in ocp.type_handlers.supported_types()])
+    registry.add(jax.Array, ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True, ignore_warnings=True)
+    return registry
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs with the given shardings, the target layout for a restore."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def load_train_state(path: str, step: int | None = None, *, params_only: bool = False) -> dict:
+    """Reads a train state onto the host as numpy arrays: no mesh, any number of devices.
+
+    `path` is a workdir, its `checkpoints/` directory, or one step directory. Without `step`
+    the newest step that passes its manifest is read.
+    """
+    step_dir = _resolve_step_dir(path, step)
+    item_dir = os.path.join(step_dir, "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(item_dir).item_metadata.tree
+    if params_only:
+        tree = {"params": tree["params"]}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+        item=tree, restore_args=restore_args, partial_restore=params_only))
+    checkpointer.close()
+    return restored
+
+
+def restore_params(path: str, step: int | None = None) -> dict:
+    """The `params` tree of a checkpoint as host numpy arrays (see `load_train_state`)."""
+    return load_train_state(path, step, params_only=True)["params"]
+
+
+def write_manifest(step_dir: str) -> None:
+    """Records size and CRC32 of every file under `step_dir` (see `find_problem`)."""
+    files = {}
+    for relative in _list_files(step_dir):
+        files[relative] = [os.path.getsize(os.path.join(step_dir, relative)),
+                           _crc32(os.path.join(step_dir, relative))]
+    with open(os.path.join(step_dir, MANIFEST), "w") as f:
+        json.dump({"format": 1, "files": files}, f)
+
+
+_NO_MANIFEST = "no manifest"
+
+
+def find_problem(step_dir: str) -> str | None:
+    """What is wrong with a committed step directory, or None when it matches its manifest."""
+    path = os.path.join(step_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return _NO_MANIFEST
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable manifest ({e})"
+    for relative, (size, crc) in sorted(files.items()):
+        full = os.path.join(step_dir, relative)
+        if not os.path.isfile(full):
+            return f"missing file {relative}"
+        actual = os.path.getsize(full)
+        if actual != size:
+            return f"{relative} has {actual} bytes, {size} were written"
+        if _crc32(full) != crc:
+            return f"{relative} does not match its checksum"
+    return None
+
+
+def _list_files(root: str) -> list[str]:
+    out = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            relative = os.path.relpath(os.path.join(folder, name), root)
+            if relative in (MANIFEST, _STEP_METADATA) or name == _COMMIT_MARKER:
+                continue
+            out.append(relative)
+    return sorted(out)
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _resolve_step_dir(path: str, step: int | None) -> str:
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(os.path.join(path, "state")):
+        return path
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    steps = sorted((int(n) for n in os.listdir(path) if n.isdigit()), reverse=True) if os.path.isdir(path) else []
+    if step is not None:
+        if step not in steps:
+            raise FileNotFoundError(f"No checkpoint step {step} in {path}; steps there: {sorted(steps)}")
+        return os.path.join(path, str(step))
+    problems = []
+    for candidate in steps:
+        problem = find_problem(os.path.join(path, str(candidate)))
+        if problem in (None, _NO_MANIFEST):
+            return os.path.join(path, str(candidate))
+        problems.append(f"step {candidate}: {problem}")
+    raise FileNotFoundError(f"No usable checkpoint in {path}" + (f" ({'; '.join(problems)})" if problems else ""))
+
+
+def _agreed_problem(step_dir: str) -> str | None:
+    """Process 0 checks the step; every process gets its verdict (one read of the files)."""
+    if jax.process_count() == 1:
+        return find_problem(step_dir)
+    from jax.experimental import multihost_utils
+
+    problem = find_problem(step_dir) if jax.process_index() == 0 else None
+    code = {None: 0, _NO_MANIFEST: 1}.get(problem, 2)
+    code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+    return {0: None, 1: _NO_MANIFEST}.get(code, problem or "corrupt (found by process 0)")
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _gather_from_processes(payload: dict) -> list[dict]:
+    """Every process's JSON payload, in process order (a collective: all processes call it)."""
+    if jax.process_count() == 1:
+        return [payload]
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(payload).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.int32(blob.size))
+    padded = np.zeros(int(np.max(lengths)), np.uint8)
+    padded[:blob.size] = blob
+    gathered = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(np.asarray(gathered), np.asarray(lengths))]
+
+
+def _this_process_position(payload: dict) -> dict:
+    """This process's entry of the saved positions; a shared one when the count changed."""
+    if "per_process" not in payload:
+        return payload  # one position for all processes (older checkpoints)
+    positions = payload["per_process"]
+    count, index = jax.process_count(), jax.process_index()
+    if len(positions) == count:
+        return positions[index]
+    if all(p == positions[0] for p in positions):
+        return positions[0]  # position-only state (grain pipelines): valid for any process count
+    raise ValueError(
+        f"The checkpoint holds data positions of {len(positions)} processes that differ, and this "
+        f"run has {count} processes. Resume with {len(positions)} processes, or use a data source "
+        "whose position does not depend on the process count (TFDS or folder data).")
 
 
 def _encode_data_state(state: Any) -> dict:
@@ -21,43 +328,3 @@ def _encode_data_state(state: Any) -> dict:
 
 def _decode_data_state(payload: dict) -> Any:
     return payload["value"].encode("utf-8") if payload["kind"] == "bytes" else payload["value"]
-
-
-class Checkpointer:
-    def __init__(self, workdir: str, every_steps: int, keep: int = 3, async_save: bool = True):
-        directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=max(int(every_steps), 1),
-            enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(directory, options=options)
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def save(self, step: int, state: Any, data_iterator: Any = None, force: bool = False) -> bool:
-        """Saves when the interval says so (or `force`); returns whether a save started."""
-        if not force and not self.manager.should_save(step):
-            return False
-        items = {"state": ocp.args.StandardSave(state)}
-        if data_iterator is not None:
-            items["data"] = ocp.args.JsonSave(_encode_data_state(data_iterator.get_state()))
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
-
-    def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
-        """Restores the state into the shardings of `abstract_state` (ShapeDtypeStructs)."""
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items["data"] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        if data_iterator is not None:
-            data_iterator.set_state(_decode_data_state(restored["data"]))
-        return restored["state"]
-
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
-
-
-def abstract_like(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs with the given shardings, the target layout for a restore."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

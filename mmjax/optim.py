@@ -6,6 +6,10 @@ Config pieces (ConfigDicts or plain dicts)::
                      grad_clip_norm=1.0, freeze=(), wd_exclude=None, mu_dtype=None)
     schedule = dict(lr=5e-4, warmup_steps=2000, decay="cosine", end_lr=0.0)
 
+``optimizer.layer_decay`` (e.g. 0.65, BEiT / MAE fine-tuning) scales each parameter's update
+by ``layer_decay ** (L + 1 - layer_id)``: embeddings have id 0, block i has id i + 1 and the
+rest (final norm, head) L + 1, where L is the number of blocks.
+
 Parameter paths are the pytree keys joined by '/', e.g.
 ``image/encoder/layer_0/attn/query/kernel``. Params are expected as plain
 arrays (the trainer unboxes flax ``nn.LogicallyPartitioned`` before building
@@ -29,6 +33,7 @@ __all__ = [
     "OPTIMIZERS",
     "path_strings",
     "decay_mask",
+    "layer_ids",
     "make_schedule",
     "build_optimizer",
 ]
@@ -42,7 +47,7 @@ DEFAULT_WD_EXCLUDE: tuple[str, ...] = (
     r"cls",  # Class tokens.
 )
 
-_COMMON_KEYS = ("name", "weight_decay", "grad_clip_norm", "freeze", "wd_exclude")
+_COMMON_KEYS = ("name", "weight_decay", "grad_clip_norm", "freeze", "wd_exclude", "layer_decay")
 # Keys each optimizer reads besides the common ones.
 OPTIMIZERS: dict[str, tuple[str, ...]] = {
     "adamw": ("b1", "b2", "eps", "mu_dtype"),
@@ -96,6 +101,63 @@ def decay_mask(params: Any, exclude: str | Sequence[str] | None = None) -> Any:
         return ndim >= 2 and not any(p.search(name) for p in patterns)
 
     return jax.tree_util.tree_map_with_path(leaf_mask, params, is_leaf=_is_box)
+
+
+# Layer-wise lr decay: what counts as the embedding (layer 0) and where the blocks are.
+LAYER_DECAY_EMBED = r"(^|/)(embedding|stem|cls|mask_token|posemb)(/|$)"
+_BLOCK = re.compile(r"(^|/)layer_(\d+)(/|$)")      # unscanned block i
+_STACK = re.compile(r"(^|/)layers(/|$)")             # scanned blocks: leading axis is the layer
+
+
+def _shape(leaf: Any) -> tuple[int, ...]:
+    value = leaf.unbox() if _is_box(leaf) else leaf
+    return tuple(value.shape) if hasattr(value, "shape") else tuple(jnp.shape(value))
+
+
+def _num_blocks(params: Any) -> int:
+    """Blocks in the model's stack: layer_N count, or the leading axis of scanned `layers`."""
+    depths = set()
+    unscanned = [int(m.group(2)) for m in (_BLOCK.search(p) for p in jax.tree.leaves(path_strings(params))) if m]
+    if unscanned:
+        depths.add(max(unscanned) + 1)
+    leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_box)
+    depths |= {_shape(leaf)[0] for path, leaf in leaves
+               if _STACK.search("/".join(_key_str(k) for k in path))}
+    if len(depths) != 1:
+        raise ValueError("optimizer.layer_decay needs one stack of blocks named layer_N or a scanned "
+                         f"'layers' stack; found depths {sorted(depths) or 'none'}")
+    return depths.pop()
+
+
+def layer_ids(params: Any, num_blocks: int | None = None) -> Any:
+    """Per-leaf layer id for layer-wise lr decay: 0 for embeddings, i + 1 for block i, L + 1 for
+    the rest. Scanned leaves get an int array (L, 1, ...) of ids along their leading axis."""
+    depth = _num_blocks(params) if num_blocks is None else num_blocks
+    embed = re.compile(LAYER_DECAY_EMBED)
+
+    def leaf_id(path: Any, leaf: Any) -> Any:
+        name = "/".join(_key_str(k) for k in path)
+        if _STACK.search(name):
+            shape = _shape(leaf)
+            return jnp.arange(1, depth + 1).reshape((depth,) + (1,) * (len(shape) - 1))
+        block = _BLOCK.search(name)
+        if block:
+            return int(block.group(2)) + 1
+        return 0 if embed.search(name) else depth + 1
+
+    return jax.tree_util.tree_map_with_path(leaf_id, params, is_leaf=_is_box)
+
+
+def _scale_by_layer_decay(decay: float, num_blocks: int) -> optax.GradientTransformation:
+    """Multiplies each update by decay ** (L + 1 - layer id): an lr (and decoupled wd) scale."""
+
+    def update(updates, state, params=None):
+        del params
+        ids = layer_ids(updates, num_blocks)
+        scale = lambda u, i: u * jnp.power(decay, num_blocks + 1 - i).astype(u.dtype)  # noqa: E731
+        return jax.tree.map(scale, updates, ids), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def _to_dict(cfg: Any, what: str) -> dict[str, Any]:
@@ -221,7 +283,8 @@ def build_optimizer(
 
     tx = [freeze: set_to_zero on frozen leaves] + for the rest:
     clip_by_global_norm(grad_clip_norm) -> optimizer -> masked weight decay
-    -> -lr(step). "adamw" follows optax.adamw: update = -lr * (adam + wd * param).
+    -> -lr(step) [-> × layer_decay ** (L + 1 - layer id)].
+    "adamw" follows optax.adamw: update = -lr * (adam + wd * param).
     Clipping sees only trainable grads, so frozen grads never shrink the rest.
     ``params`` (plain arrays, or shape structs) is used to check ``freeze``.
     Returns the schedule too, for logging the learning rate.
@@ -236,6 +299,11 @@ def build_optimizer(
     exclude = cfg.get("wd_exclude")
     mask = lambda p: decay_mask(p, exclude)  # noqa: E731 - callable: sees partitioned trees.
     tx = _core(name, cfg, schedule, wd, mask)
+    layer_decay = cfg.get("layer_decay")
+    if layer_decay is not None:
+        if not 0.0 < float(layer_decay) <= 1.0:
+            raise ValueError(f"optimizer.layer_decay must be in (0, 1], got {layer_decay}")
+        tx = optax.chain(tx, _scale_by_layer_decay(float(layer_decay), _num_blocks(params)))
     clip = cfg.get("grad_clip_norm")
     if clip:
         tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)

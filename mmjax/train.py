@@ -21,10 +21,21 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mmjax import checkpoint, configs, metrics as metrics_lib, optim, sharding, tasks
+from mmjax import (
+    checkpoint,
+    configs,
+    distributed,
+    faults,
+    flops,
+    optim,
+    sharding,
+    tasks,
+)
+from mmjax import metrics as metrics_lib
 from mmjax.data import pipeline, sources
 
-LOG_KEYS = ("loss", "lr", "examples_per_sec", "eta")
+LOG_KEYS = ("loss", "lr", "examples_per_sec", "tflops_per_device", "mfu", "eval_time_share",
+            "checkpoint_time_share", "eta")
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:
@@ -40,19 +51,21 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
 def check_writable(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_probe")
+        probe = os.path.join(workdir, f".write_probe.{os.uname().nodename}.{os.getpid()}")  # one per process
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"Workdir {workdir!r} is not writable: {e}") from e
+        raise ValueError(f"Workdir {workdir!r} is not writable ({e}); pass a --workdir this "
+                         "process can create and write to") from e
 
 
 def optimizer_shardings(tx: optax.GradientTransformation, params, param_shardings, replicated):
     """Shardings for the optimizer state: moments follow their parameters, counters replicate."""
     abstract = jax.eval_shape(tx.init, params)
-    return optax.tree_map_params(tx, lambda _, s: s, abstract, param_shardings,
-                                 transform_non_params=lambda _: replicated)
+    masked = lambda v: isinstance(v, optax.MaskedNode)  # noqa: E731 - frozen leaves (optimizer.freeze)
+    return optax.tree_map_params(tx, lambda v, s: v if masked(v) else s, abstract, param_shardings,
+                                 transform_non_params=lambda _: replicated, is_leaf=masked)
 
 
 def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -64,8 +77,12 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule
         (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(state["params"], batch, step_rng)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        aux = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, aux
+        grad_norm = optax.tree.norm(grads)
+        new_state = faults.guard_update(state, dict(state, step=state["step"] + 1, params=params,
+                                                     opt_state=opt_state), loss, grad_norm)
+        aux = dict(aux, loss=loss, grad_norm=grad_norm, lr=schedule(state["step"]),
+                   nonfinite_steps=new_state["nonfinite"]["count"])
+        return new_state, aux
 
     return train_step
 
@@ -81,6 +98,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         raise ValueError(f"input.batch_size={global_batch} is not divisible by the data-parallel "
                          f"size {dp} (mesh {dict(mesh.shape)}); change one of them")
     steps = total_steps(config)
+    guard = faults.NonFiniteGuard(config.get("nonfinite"))
     task = tasks.get_task(config)
     writer = metrics_lib.MetricWriter(workdir)
     if jax.process_index() == 0:
@@ -109,20 +127,32 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         tx, schedule = optim.build_optimizer(config.optimizer, config.schedule, steps, params)
         opt_shardings = optimizer_shardings(tx, params, param_shardings, replicated)
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
-        state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
+                 "nonfinite": faults.init_counters()}
+        state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings,
+                           "nonfinite": {"count": replicated, "first_step": replicated}}
 
         ckpt_cfg = config.get("checkpoint", {})
         ckpt = checkpoint.Checkpointer(workdir, ckpt_cfg.get("every_steps", 1000), ckpt_cfg.get("keep", 3))
-        start = ckpt.latest_step()
+        start, restored = ckpt.restore_latest(checkpoint.abstract_like(state, state_shardings), data_iter)
         if start is not None:
-            state = ckpt.restore(start, checkpoint.abstract_like(state, state_shardings), data_iter)
+            state = restored
             print(f"Resumed from step {start} in {workdir}", flush=True)
         start = int(start or 0)
+        guard.start(state["nonfinite"])
         n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
         print(f"{config.task}: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
               f"{sharding.unsharded_fraction(state['params']):.0%} of parameter bytes replicated, "
               f"{steps} steps of {global_batch} examples", flush=True)
+
+        example_flops = task.train_flops_per_example(
+            {k: (global_batch,) + np.shape(v)[1:] for k, v in shapes_batch.items()})
+        device_kind = jax.devices()[0].device_kind
+        if example_flops:
+            peak = flops.peak_tflops(device_kind)
+            print(f"model FLOPs per training example: {example_flops / 1e9:.3g} GFLOP (analytic); "
+                  + (f"MFU against {peak} TFLOP/s bf16 peak per {device_kind}" if peak else
+                     f"no bf16 peak known for {device_kind!r}, so no MFU"), flush=True)
 
         train_step = make_train_step(task, tx, schedule, dropout_rng)
         step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
@@ -131,7 +161,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         eval_every = int(evals.get("every_steps", 0) or 0)
         log_every = int(config.get("log_every_steps", 50))
         final: dict[str, float] = {}
-        timer = {"t0": time.perf_counter(), "step0": start, "eval": 0.0, "ckpt": 0.0, "train_start": time.perf_counter()}
+        timer = {"t0": time.perf_counter(), "step0": start, "eval": 0.0, "ckpt": 0.0, "side0": 0.0,
+                 "train_start": time.perf_counter()}
 
         def run_eval(step: int) -> dict[str, float]:
             t = time.perf_counter()
@@ -147,13 +178,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             if step == start + 1:
                 print(f"first step (compile + run) took {time.perf_counter() - timer['t0']:.1f}s", flush=True)
                 timer["t0"], timer["step0"] = time.perf_counter(), step
+                timer["side0"] = timer["eval"] + timer["ckpt"]
+            if step % log_every == 0 or step == steps or ckpt.due(step):  # never save a bad state
+                guard.check(state["nonfinite"], step, before_raise=ckpt.close)
             if step % log_every == 0 or step == steps:
                 scalars = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                if not np.isfinite(scalars["loss"]):
-                    raise FloatingPointError(f"Non-finite loss {scalars['loss']} at step {step}")
                 elapsed = time.perf_counter() - timer["t0"]
                 done = max(step - timer["step0"], 1)
-                scalars["examples_per_sec"] = done * global_batch / max(elapsed, 1e-9)
+                # Throughput of training alone: eval and checkpoint time in this interval left out.
+                train_time = elapsed - (timer["eval"] + timer["ckpt"] - timer["side0"])
+                scalars["examples_per_sec"] = done * global_batch / max(train_time, 1e-9)
+                if example_flops:
+                    scalars.update(flops.throughput(example_flops, scalars["examples_per_sec"],
+                                                    jax.device_count(), device_kind))
                 wall = time.perf_counter() - timer["train_start"]
                 scalars["eval_time_share"] = timer["eval"] / max(wall, 1e-9)
                 scalars["checkpoint_time_share"] = timer["ckpt"] / max(wall, 1e-9)
@@ -161,6 +198,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 eta = metrics_lib.format_eta(elapsed / done * (steps - step))
                 print(metrics_lib.format_line(step, steps, {**scalars, "eta": eta}, LOG_KEYS), flush=True)
                 timer["t0"], timer["step0"] = time.perf_counter(), step
+                timer["side0"] = timer["eval"] + timer["ckpt"]
             if eval_every and step % eval_every == 0 and step != steps:
                 run_eval(step)
             t = time.perf_counter()
@@ -181,21 +219,26 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str, arg
         epilog="Override any config field with --config.FIELD=VALUE, e.g. --config.total_steps=100")
     parser.add_argument("--config", required=True, help="experiments/<paper>/<recipe>.py[:key=value,...]")
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard logs")
-    parser.add_argument("--coordinator_address", default=None, help="host:port for multi-process runs")
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument("--coordinator_address", default=None,
+                        help="host:port of process 0, for multi-process runs outside TPU pods and "
+                             "clusters that JAX detects by itself")
+    parser.add_argument("--num_processes", type=int, default=None, help="with --coordinator_address")
+    parser.add_argument("--process_id", type=int, default=None, help="with --coordinator_address")
     args, rest = parser.parse_known_args(argv)
     stray = [a for a in rest if not a.startswith("--config.")]
     if stray:
         parser.error(f"unrecognised arguments: {' '.join(stray)} (config fields are set with --config.FIELD=VALUE)")
-    config = configs.apply_overrides(configs.load_config(args.config), rest)
+    config = configs.load_config(args.config)
+    with config.unlocked():  # trainer options an experiment may leave out, still overridable
+        if "nonfinite" not in config:
+            config.nonfinite = faults.DEFAULT_MODE
+    config = configs.apply_overrides(config, rest)
     return config, args.workdir, args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     config, workdir, args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.coordinator_address:
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     final = train(config, workdir)
     print("Final metrics: " + json.dumps({k: round(float(v), 4) for k, v in final.items()}), flush=True)
 

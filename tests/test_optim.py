@@ -273,3 +273,62 @@ def test_unknown_and_unused_keys():
 def _flat(tree):
     paths = jax.tree.leaves(optim.path_strings(tree))
     return {p: np.asarray(x) for p, x in zip(paths, jax.tree.leaves(tree))}
+
+
+# ---------------------------------------------------------------- layer-wise lr decay
+
+def vit_like_params(scanned):
+    """Embedding, 3 blocks (unscanned layer_N or one scanned stack), final norm and head."""
+    blocks = [{"attn": {"kernel": jnp.full((2, 2), float(i))}, "ln1": {"scale": jnp.ones(2)}} for i in range(3)]
+    encoder = ({"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)} if scanned
+               else {f"layer_{i}": b for i, b in enumerate(blocks)})
+    return {"embedding": {"conv": {"kernel": jnp.ones((1, 1, 2, 2))}}, "cls": jnp.zeros((1, 1, 2)),
+            "encoder": encoder, "norm": {"scale": jnp.ones(2)}, "head": {"kernel": jnp.ones((2, 3))}}
+
+
+@pytest.mark.parametrize("scanned", [False, True])
+def test_layer_decay_scales_updates_per_layer(scanned):
+    """SGD with lr 1: each update is -decay ** (L + 1 - id) * grad, ids 0 / i + 1 / L + 1 (L = 3)."""
+    params = vit_like_params(scanned)
+    decay = 0.5
+    tx, _ = optim.build_optimizer(dict(name="sgd", layer_decay=decay), dict(lr=1.0), 10, params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    got = _flat(updates)
+    np.testing.assert_allclose(got["embedding/conv/kernel"], -decay ** 4)
+    np.testing.assert_allclose(got["cls"], -decay ** 4)
+    np.testing.assert_allclose(got["norm/scale"], -1.0)
+    np.testing.assert_allclose(got["head/kernel"], -1.0)
+    for i in range(3):
+        expected = -decay ** (3 - i)
+        if scanned:
+            np.testing.assert_allclose(got["encoder/layers/attn/kernel"][i], expected)
+            np.testing.assert_allclose(got["encoder/layers/ln1/scale"][i], expected)
+        else:
+            np.testing.assert_allclose(got[f"encoder/layer_{i}/attn/kernel"], expected)
+
+
+def test_layer_decay_scales_adamw_with_weight_decay_like_param_groups():
+    """torch param groups scale lr for Adam and decoupled wd alike: the whole update scales."""
+    params = vit_like_params(scanned=False)
+    grads = jax.tree.map(lambda x: 0.3 * jnp.ones_like(x) + 0.1 * x, params)
+    plain, _ = optim.build_optimizer(dict(ADAMW), CONSTANT, 10, params)
+    decayed, _ = optim.build_optimizer(dict(ADAMW, layer_decay=0.65), CONSTANT, 10, params)
+    ref, _ = jax.jit(plain.update)(grads, plain.init(params), params)
+    got, _ = jax.jit(decayed.update)(grads, decayed.init(params), params)
+    ids = _flat(optim.layer_ids(params))
+    for path, value in _flat(got).items():
+        np.testing.assert_allclose(value, 0.65 ** (4 - ids[path]) * _flat(ref)[path], rtol=1e-6)
+    assert ids["encoder/layer_2/attn/kernel"] == 3 and ids["head/kernel"] == 4 and ids["cls"] == 0
+
+
+def test_layer_decay_with_freeze_and_errors():
+    params = vit_like_params(scanned=True)
+    tx, _ = optim.build_optimizer(dict(name="sgd", layer_decay=0.5, freeze="^embedding"), dict(lr=1.0), 10, params)
+    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    np.testing.assert_array_equal(_flat(updates)["embedding/conv/kernel"], 0.0)
+    np.testing.assert_allclose(_flat(updates)["encoder/layers/attn/kernel"][0], -0.5 ** 3)
+    with pytest.raises(ValueError, match="one stack of blocks"):
+        optim.build_optimizer(dict(name="sgd", layer_decay=0.5), dict(lr=1.0), 10, tiny_params())
+    with pytest.raises(ValueError, match=r"layer_decay must be in \(0, 1\]"):
+        optim.build_optimizer(dict(name="sgd", layer_decay=1.5), dict(lr=1.0), 10, params)

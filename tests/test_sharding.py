@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mmjax import optim, sharding, tasks
+from mmjax import faults, optim, sharding, tasks
 from mmjax.train import make_train_step, optimizer_shardings
 
 MESHES = {
@@ -59,8 +59,10 @@ def _one_step(task_name: str, mesh_spec, preset: str, devices):
         replicated = NamedSharding(mesh, PartitionSpec())
         opt_shardings = optimizer_shardings(tx, params, param_shardings, replicated)
         state = {"step": jnp.zeros((), jnp.int32), "params": params,
-                 "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params)}
-        state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+                 "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
+                 "nonfinite": faults.init_counters()}
+        state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings,
+                           "nonfinite": {"count": replicated, "first_step": replicated}}
         step = jax.jit(make_train_step(task, tx, schedule, jax.random.key(1)),
                        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                        out_shardings=(state_shardings, replicated))

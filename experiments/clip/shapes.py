@@ -1,10 +1,13 @@
 """CLIP on the embedded shapes data set: mmjax's main job, on the CPU in minutes.
 
-A small ViT/8 image tower and a 3-layer text tower learn to match 32×32 images of coloured
-shapes with their captions. Zero-shot classification over the 24 colour×shape classes and
-image↔text retrieval are measured on the held-out test split.
+A small ViT/8 image tower with a convolutional stem (Xiao et al. 2021) and a 2-layer text
+tower learn to match 32×32 images of coloured shapes with their captions. Zero-shot
+classification over the 24 colour×shape classes and image↔text retrieval are measured on the
+held-out test split. Without the stem the ViT learns colour at once but shape slowly (0.58
+zero-shot top-1 after 1500 steps, against 0.77 with it).
 
-Expected: zero-shot top-1 ≥ 0.8 (chance 1/24 ≈ 0.04); see the README for measured numbers.
+Expected: zero-shot top-1 ≈ 0.89 (chance 1/24 ≈ 0.04), i2t / t2i R@1 ≈ 0.27 / 0.24, in about
+8 minutes on 2 CPU cores; see the README for measured numbers.
   mmjax-train --config experiments/clip/shapes.py --workdir runs/clip
   mmjax-train --config experiments/clip/shapes.py:loss=siglip --workdir runs/siglip
 """
@@ -16,15 +19,16 @@ from mmjax.data.shapes import ZERO_SHOT_TEMPLATES
 
 
 def get_config(arg=None):
-    arg = configs.parse_arg(arg, loss="clip", steps=1500, batch=128, smoke=False)
+    arg = configs.parse_arg(arg, loss="clip", steps=1800, batch=128, smoke=False)
     c = ml_collections.ConfigDict()
     c.task = "contrastive"
     c.seed = 0
     c.total_steps = arg.steps
     c.model = dict(
         embed_dim=128,
-        image=dict(width=128, depth=4, num_heads=4, mlp_dim=512, patch_size=8, ln_eps=1e-5),
-        text=dict(vocab_size=256, context_length=16, width=128, depth=3, num_heads=4, mlp_dim=512),
+        image=dict(width=128, depth=4, num_heads=4, mlp_dim=512, patch_size=8, ln_eps=1e-5,
+                   conv_stem=(32, 64)),
+        text=dict(vocab_size=256, context_length=16, width=128, depth=2, num_heads=4, mlp_dim=512),
         logit_bias_init=-10.0 if arg.loss == "siglip" else None,
         logit_scale_init=2.302585 if arg.loss == "siglip" else 2.659260,  # ln 10 (SigLIP), ln(1/0.07)
     )

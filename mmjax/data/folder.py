@@ -2,22 +2,33 @@
 
 Each JSONL line is `{"image": "relative/path.jpg", "caption": "..."}` or
 `{"image": ..., "captions": ["...", ...]}` (the first caption is used). Paths
-are relative to `image_dir` (absolute paths are kept). Everything that can be
-checked cheaply is checked in the constructor so that a typo in a config fails
-before training starts, not hours later in a worker.
+are relative to `image_dir` (absolute paths are kept).
+
+Bad entries do not stop a run and are never silent: lines that are not JSON, lack a
+caption or name a missing image are skipped when the source is built (one warning with
+the counts and the first line numbers, `source.skipped` holds the counts), and images
+that fail to decode are reported when read (`None` is returned; the pipeline fills the
+slot with the next example). A wrong path, or a file with no usable line, is an error
+right away, before anything compiles.
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
 
 import numpy as np
 from PIL import Image
 
+from mmjax.data.webdataset import SkipCounter
+
+log = logging.getLogger(__name__)
+
 
 class FolderSource:
-    """Returns `{"image": uint8 (H, W, 3) RGB, "caption": str}` for each JSONL line."""
+    """Returns `{"image": uint8 (H, W, 3) RGB, "caption": str}`, or None for an unreadable image."""
 
     def __init__(self, image_dir: str | os.PathLike, captions: str | os.PathLike):
         image_dir = os.path.expanduser(os.fspath(image_dir))
@@ -27,26 +38,42 @@ class FolderSource:
         if not os.path.isfile(captions):
             raise FileNotFoundError(f"folder data: captions file {captions!r} does not exist")
         self._image_dir = image_dir
-        self._records = _read_jsonl(captions)
-        if not self._records:
+        self._unreadable = SkipCounter("folder data")
+        records, problems = _read_jsonl(captions)
+        self._records = []
+        for line_number, image, caption in records:
+            if os.path.isfile(os.path.join(image_dir, image)):
+                self._records.append((image, caption))
+            else:
+                problems.append((line_number, "missing image", f"{image!r} is not in {image_dir!r}"))
+        self.skipped = dict(collections.Counter(kind for _, kind, _ in sorted(problems)))
+        if not problems and not self._records:
             raise ValueError(f"folder data: captions file {captions!r} has no examples")
-        first = self._path(0)
-        if not os.path.isfile(first):
-            raise FileNotFoundError(
-                f"folder data: image {first!r} (line 1 of {captions!r}) does not exist"
-            )
+        if problems:
+            examples = "; ".join(f"line {n}: {kind} ({detail})" for n, kind, detail in sorted(problems)[:3])
+            counts = ", ".join(f"{n} {kind}" for kind, n in self.skipped.items())
+            if not self._records:
+                raise ValueError(f"folder data: no usable line in {captions!r}: {counts}; e.g. {examples}")
+            log.warning("folder data: skipped %d of %d lines of %r (%s); e.g. %s", len(problems),
+                        len(problems) + len(self._records), captions, counts, examples)
 
     def __len__(self) -> int:
         return len(self._records)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict | None:
         path = self._path(index)
         try:
             with Image.open(path) as image:
                 array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        except (FileNotFoundError, OSError) as e:
-            raise OSError(f"folder data: cannot read image {path!r} (example {index}): {e}") from e
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            self._unreadable.skip(f"unreadable image ({type(e).__name__})", f"{path!r} (example {index})")
+            return None
         return {"image": array, "caption": self._records[index][1]}
+
+    @property
+    def unreadable(self) -> int:
+        """Images of this process that failed to decode so far."""
+        return self._unreadable.total
 
     def __repr__(self) -> str:
         return f"FolderSource(image_dir={self._image_dir!r}, num_examples={len(self)})"
@@ -55,27 +82,27 @@ class FolderSource:
         return os.path.join(self._image_dir, self._records[index][0])
 
 
-def _read_jsonl(path: str) -> list[tuple[str, str]]:
-    """Parses (image path, caption) pairs, naming the line of any malformed entry."""
-    records = []
-    with open(path, encoding="utf-8") as f:
+def _read_jsonl(path: str) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str]]]:
+    """(line, image path, caption) of the usable lines, and (line, kind, detail) of the others."""
+    records, problems = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            where = f"{path!r} line {line_number}"
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"folder data: {where} is not valid JSON: {e}") from e
+                problems.append((line_number, "invalid JSON", str(e)))
+                continue
             if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
-                raise ValueError(f'folder data: {where} needs a string "image" field')
+                problems.append((line_number, "no image", 'needs a string "image" field'))
+                continue
             caption = entry.get("caption")
-            if caption is None and entry.get("captions"):
-                caption = entry["captions"][0] if isinstance(entry["captions"], list) else None
-            if not isinstance(caption, str):
-                raise ValueError(
-                    f'folder data: {where} needs a string "caption" or a non-empty '
-                    f'list "captions"'
-                )
-            records.append((entry["image"], caption))
-    return records
+            if caption is None and isinstance(entry.get("captions"), list) and entry["captions"]:
+                caption = entry["captions"][0]
+            if not isinstance(caption, str) or not caption.strip():
+                problems.append((line_number, "no caption",
+                                 'needs a string "caption" or a non-empty list "captions"'))
+                continue
+            records.append((line_number, entry["image"], caption))
+    return records, problems

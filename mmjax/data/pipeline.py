@@ -1,11 +1,16 @@
 """grain input pipelines: a sharded, checkpointable training stream and padded eval batches.
 
 Training order: the whole split is shuffled globally with a seed that changes
-every epoch, then process p takes elements p, p + P, p + 2P, ... of that stream,
-preprocesses them with a per-element Generator derived from the seed and the
-element's global position, and batches them (drop_remainder). Each process only
-reads its own share, and the iterator state is a single batch position, so
-`it.get_state()` / `it.set_state(state)` resume exactly.
+every epoch, and global batch b is elements [b*B, (b+1)*B) of that stream. Process
+p of P reads only its block of each batch, elements b*B + p*B/P ... b*B + (p+1)*B/P - 1,
+preprocessed with a per-element Generator derived from the seed and the element's
+global position. So the global batches are the same for any number of processes,
+and the iterator state, a single batch position, resumes exactly
+(`it.get_state()` / `it.set_state(state)`), also on another process count.
+
+An example the source cannot read (it returns None, e.g. a corrupt image) takes the
+next readable example of the stream in its slot; the source counts and logs it.
+Webdataset tar shards are streamed instead (see `mmjax.data.webdataset`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
-from mmjax.data import sources
+from mmjax.data import sources, webdataset
 from mmjax.data.preprocess import Preprocess, Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -73,6 +78,30 @@ def _process_info(process_index: int | None, process_count: int | None) -> tuple
     return process_index, process_count
 
 
+class _NextReadable(grain.MapDataset):
+    """Element i, or when the source could not read it (None) the next readable one after it."""
+
+    def __init__(self, parent: grain.MapDataset, max_tries: int):
+        super().__init__(parent)
+        self._max_tries = max(max_tries, 1)
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        for offset in range(self._max_tries):
+            element = self._parent[(index + offset) % len(self._parent)]
+            if element is not None:
+                return element
+        raise ValueError(f"{self._max_tries} consecutive examples of the data set could not be read "
+                         f"(from stream position {index}); see the warnings above and fix the data")
+
+    def __str__(self) -> str:
+        return "NextReadable"
+
+
 def make_train_loader(
     data_config: sources.DataConfig,
     pp: str,
@@ -91,7 +120,8 @@ def make_train_loader(
     Each batch has global_batch_size // process_count examples. `iter(ds)` gives a
     checkpointable iterator (`get_state` / `set_state`). The stream repeats forever
     when num_epochs is None. `worker_count > 0` preprocesses in that many
-    processes; `prefetch` is the number of batches buffered ahead.
+    processes (not for webdataset shards, read in one thread); `prefetch` is the
+    number of batches buffered ahead.
     """
     index, count = _process_info(process_index, process_count)
     if global_batch_size <= 0 or global_batch_size % count:
@@ -101,14 +131,22 @@ def make_train_loader(
         )
     batch_size = global_batch_size // count
     preprocess = Preprocess(pp, tokenizer)
+    if data_config.get("name") == sources.WEBDATASET_NAME:
+        stream = webdataset.WebDatasetStream(
+            webdataset.expand_shards(data_config.get("shards")), seed=seed, process_index=index,
+            process_count=count, num_epochs=num_epochs, preprocess=_PreprocessMap(preprocess).random_map)
+        return grain.experimental.ThreadPrefetchIterDataset(
+            stream.batch(batch_size, drop_remainder=True), prefetch_buffer_size=max(prefetch, 0))
     source = sources.get_source(data_config)
     if len(source) == 0:
         raise ValueError(f"data set {data_config.get('name')!r} is empty")
 
     ds = grain.MapDataset.source(source).seed(seed)
     ds = ds.shuffle().repeat(num_epochs)  # A different permutation for every epoch.
+    ds = _NextReadable(ds, max_tries=min(len(source), 1000))
     ds = ds.random_map(_PreprocessMap(preprocess))  # Lazy: runs only on this process's share.
-    ds = ds[index::count].batch(batch_size, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=True)  # Blocks of B/P; global batch b = blocks bP..bP+P-1.
+    ds = ds[:len(ds) // count * count][index::count]
     iter_ds = ds.to_iter_dataset(_read_options(prefetch))
     if worker_count > 0:
         _ensure_absl_flags_parsed()

@@ -9,6 +9,9 @@ Supported configs:
   that is already prepared (array_record) in `data_dir`. Nothing is downloaded.
 * `{"name": "folder", "image_dir": ..., "captions": "captions.jsonl"}` -- a
   user's own images and captions (see `mmjax.data.folder`).
+* `{"name": "webdataset", "shards": "/data/{00000..00099}.tar"}` -- tar shards as
+  img2dataset writes them (see `mmjax.data.webdataset`); training streams them,
+  the random-access source here is for evaluation.
 
 Sources are sequences of example dicts (`len(src)`, `src[i]`); TFDS text
 features come back as `str` rather than `bytes`.
@@ -24,11 +27,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 
-from mmjax.data import shapes
+from mmjax.data import shapes, webdataset
 from mmjax.data.folder import FolderSource
 
 SHAPES_NAME = "mmjax_shapes"
 FOLDER_NAME = "folder"
+WEBDATASET_NAME = "webdataset"
 
 DataConfig = Mapping[str, Any]  # dict or ml_collections.ConfigDict
 
@@ -38,6 +42,8 @@ def get_source(data_config: DataConfig) -> Sequence[dict]:
     name = _require(data_config, "name")
     if name == FOLDER_NAME:
         return FolderSource(_require(data_config, "image_dir"), _require(data_config, "captions"))
+    if name == WEBDATASET_NAME:
+        return webdataset.WebDatasetSource(webdataset.expand_shards(_require(data_config, "shards")))
     builder = _builder(data_config)
     split = data_config.get("split") or "train"
     _check_split(builder, split)
@@ -54,7 +60,7 @@ def get_source(data_config: DataConfig) -> Sequence[dict]:
 
 def class_names(data_config: DataConfig) -> list[str] | None:
     """Names of the `label` ClassLabel feature, or None when there is no such feature."""
-    if _require(data_config, "name") == FOLDER_NAME:
+    if _require(data_config, "name") in (FOLDER_NAME, WEBDATASET_NAME):
         return None
     features = _builder(data_config).info.features
     label = features["label"] if "label" in features.keys() else None

@@ -24,6 +24,18 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
+def tower_configs(model: CLIP) -> tuple[dict, dict]:
+    """The ViT and TextTransformer fields of a CLIP's towers, with CLIP's defaults filled in."""
+    image_cfg = dict(pool="cls", pre_norm=True, patch_bias=False, ln_eps=1e-5)
+    image_cfg.update(dict(model.image or {}))
+    image_cfg.setdefault("dtype", model.dtype)
+    if image_cfg.get("num_classes") is not None:
+        raise ValueError("CLIP's image tower must not have a classifier head (num_classes)")
+    text_cfg = dict(model.text or {})
+    text_cfg.setdefault("dtype", model.dtype)
+    return image_cfg, text_cfg
+
+
 class CLIP(nn.Module):
     """Two towers and a temperature. `image` and `text` hold the towers' fields."""
 
@@ -35,13 +47,7 @@ class CLIP(nn.Module):
     dtype: layers.Dtype = jnp.float32
 
     def setup(self):
-        image_cfg = dict(pool="cls", pre_norm=True, patch_bias=False, ln_eps=1e-5)
-        image_cfg.update(dict(self.image or {}))
-        image_cfg.setdefault("dtype", self.dtype)
-        if image_cfg.get("num_classes") is not None:
-            raise ValueError("CLIP's image tower must not have a classifier head (num_classes)")
-        text_cfg = dict(self.text or {})
-        text_cfg.setdefault("dtype", self.dtype)
+        image_cfg, text_cfg = tower_configs(self)
         self.visual = vit.ViT(**image_cfg)
         self.textual = text.TextTransformer(**text_cfg)
 

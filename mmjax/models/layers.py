@@ -111,12 +111,16 @@ class Attention(nn.Module):
     head_dim: int | None = None
     out_dim: int | None = None
     use_bias: bool = True
+    key_bias: bool = True           # BEiT has q and v biases but none on k
     dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None, *,
-                 mask: jax.Array | None = None, causal: bool = False) -> jax.Array:
+                 mask: jax.Array | None = None, bias: jax.Array | None = None,
+                 causal: bool = False) -> jax.Array:
+        """`bias` (broadcastable to (batch, heads, q_len, kv_len)) is added to the attention
+        logits, e.g. a relative position bias."""
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"Unknown attention_impl {self.attention_impl!r}; known: {ATTENTION_IMPLS}")
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
@@ -125,16 +129,17 @@ class Attention(nn.Module):
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
         head_dim = self.head_dim or width // self.num_heads
 
-        def proj(name: str) -> HeadsDense:
-            return HeadsDense(self.num_heads, head_dim, self.use_bias, self.dtype, name=name)
+        def proj(name: str, use_bias: bool = self.use_bias) -> HeadsDense:
+            return HeadsDense(self.num_heads, head_dim, use_bias, self.dtype, name=name)
 
         q = proj("query")(inputs_q)
-        k = proj("key")(inputs_kv)
+        k = proj("key", self.use_bias and self.key_bias)(inputs_kv)
         v = proj("value")(inputs_kv)
         names = ("act_batch", "act_len", "act_heads", "act_kv")
         q, k, v = (constrain(t, names) for t in (q, k, v))
+        bias = None if bias is None else bias.astype(q.dtype)
         x = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=causal,
+            q, k, v, bias=bias, mask=mask, is_causal=causal,
             implementation=None if self.attention_impl == "xla" else self.attention_impl)
         x = constrain(x, names)
         out = MergeHeadsDense(self.out_dim or width, self.use_bias, self.dtype, name="out")(x)
@@ -230,3 +235,41 @@ class LearnedPosEmb(nn.Module):
                                                      (None, None, "embed")),
                         (1, length, width))
         return x + pe.astype(x.dtype)
+
+
+def relative_position_index(window: tuple[int, int]) -> np.ndarray:
+    """(1 + h*w, 1 + h*w) indices into BEiT's relative position bias table.
+
+    Patch pairs index their (dy, dx) offset, row-major over (2h-1) x (2w-1) offsets; the last
+    three table rows are [CLS]→patch, patch→[CLS] and [CLS]→[CLS].
+    """
+    h, w = window
+    num_offsets = (2 * h - 1) * (2 * w - 1)
+    y, x = (c.reshape(-1) for c in np.mgrid[:h, :w])
+    dy = y[:, None] - y[None, :] + h - 1
+    dx = x[:, None] - x[None, :] + w - 1
+    index = np.empty((h * w + 1,) * 2, np.int32)
+    index[1:, 1:] = dy * (2 * w - 1) + dx
+    index[0, :] = num_offsets
+    index[:, 0] = num_offsets + 1
+    index[0, 0] = num_offsets + 2
+    return index
+
+
+class RelativePositionBias(nn.Module):
+    """BEiT's learned per-head attention bias for each relative patch offset (plus [CLS] terms).
+
+    Returns a (1, heads, 1 + h*w, 1 + h*w) bias for a [CLS] + h×w patch sequence; the table
+    (zeros at init, as in BEiT) is shaped (offsets + 3, heads).
+    """
+
+    num_heads: int
+    window: tuple[int, int]
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        h, w = self.window
+        table = self.param("table", nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads")),
+                           ((2 * h - 1) * (2 * w - 1) + 3, self.num_heads))
+        bias = table[relative_position_index(self.window)]          # (L, L, heads)
+        return jnp.transpose(bias, (2, 0, 1))[None]

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models import layers, transformer
+from mmjax.models import conv_stem, layers, transformer
 
 # name: (width, depth, mlp_dim, num_heads)
 VARIANTS = {
@@ -50,6 +50,24 @@ def check_images(images: jax.Array, channels: int, patch: tuple[int, int]) -> No
         raise ValueError(f"Image size {images.shape[1:3]} is not divisible by the patch size {patch}")
 
 
+def kept_patches(num_patches: int, drop_ratio: float) -> int:
+    """Patches that FLIP-style patch dropping keeps (at least one)."""
+    return max(1, int(num_patches * (1.0 - drop_ratio)))
+
+
+def drop_patches(rng: jax.Array, x: jax.Array, num_prefix: int, drop_ratio: float) -> jax.Array:
+    """Keeps a random subset of each example's patch tokens (FLIP, Li et al. 2023).
+
+    x is (B, prefix + patches, D) with position embeddings already added; the prefix ([CLS])
+    is always kept. Each example draws its own subset, so the encoder's cost drops with it.
+    """
+    b, n, _ = x.shape
+    keep = kept_patches(n - num_prefix, drop_ratio)
+    _, ids = jax.lax.top_k(jax.random.uniform(rng, (b, n - num_prefix)), keep)
+    kept = jnp.take_along_axis(x[:, num_prefix:], ids[..., None], axis=1)
+    return jnp.concatenate([x[:, :num_prefix], kept], axis=1)
+
+
 class MAPHead(nn.Module):
     """Multihead attention pooling: one learned probe attends over the tokens."""
 
@@ -80,15 +98,18 @@ class ViT(nn.Module):
     patch_size: int | tuple[int, int] | None = None
     in_channels: int = 3
     pool: str = "cls"
+    class_token: bool | None = None  # default: only with pool="cls"; "gap" then averages patches only (MAE FT)
     posemb: str = "learn"
     pre_norm: bool = False          # CLIP's ln_pre before the blocks
     fc_norm: bool = False           # norm the pooled vector instead of all tokens
     patch_bias: bool = True
+    conv_stem: tuple[int, ...] = ()  # channels of stride-2 3x3 convs before patchify; () = plain patchify
     num_classes: int | None = None
     representation_size: int | None = None
     head_zero_init: bool = True
     head_bias_init: float = 0.0
     dropout: float = 0.0
+    patch_drop_ratio: float = 0.0   # FLIP: drop this share of patch tokens in training only
     act: str = "gelu"
     ln_eps: float = 1e-6
     layer_scale: float | None = None
@@ -117,22 +138,33 @@ class ViT(nn.Module):
             raise ValueError(f"Unknown pool {self.pool!r}; known: {POOLS}")
         if self.posemb not in POSEMBS:
             raise ValueError(f"Unknown posemb {self.posemb!r}; known: {POSEMBS}")
+        if not 0.0 <= self.patch_drop_ratio < 1.0:
+            raise ValueError(f"patch_drop_ratio must be in [0, 1), got {self.patch_drop_ratio}")
+        use_cls = self.pool == "cls" if self.class_token is None else self.class_token
+        if self.pool == "cls" and not use_cls:
+            raise ValueError("pool='cls' needs class_token=True (or None)")
         arch = self.arch()
         check_images(images, self.in_channels, arch["patch_size"])
         width = arch["width"]
 
-        x = layers.PatchEmbed(width, arch["patch_size"], use_bias=self.patch_bias, dtype=self.dtype,
-                              name="embedding")(images.astype(self.dtype))
+        if self.conv_stem:
+            x = conv_stem.ConvStem(width, arch["patch_size"], tuple(self.conv_stem), dtype=self.dtype,
+                                   name="stem")(images.astype(self.dtype))
+        else:
+            x = layers.PatchEmbed(width, arch["patch_size"], use_bias=self.patch_bias, dtype=self.dtype,
+                                  name="embedding")(images.astype(self.dtype))
         b, h, w, _ = x.shape
         x = x.reshape(b, h * w, width)
         if self.posemb == "sincos2d":
             x = x + layers.sincos_2d((h, w), width).astype(x.dtype)
-        if self.pool == "cls":
+        if use_cls:
             cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
                              (1, 1, width))
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, width)), x], axis=1)
         if self.posemb == "learn":
             x = layers.LearnedPosEmb(name="posemb")(x)
+        if train and self.patch_drop_ratio > 0:   # uses the "dropout" rng stream, as FLIP does
+            x = drop_patches(self.make_rng("dropout"), x, int(use_cls), self.patch_drop_ratio)
         if self.pre_norm:
             x = layers.LayerNorm(self.ln_eps, name="ln_pre")(x)
         x = layers.constrain(x, ("act_batch", "act_len", "act_emb"))
@@ -152,7 +184,7 @@ class ViT(nn.Module):
         if self.pool == "cls":
             x = x[:, 0]
         elif self.pool == "gap":
-            x = x.mean(axis=1)
+            x = x[:, int(use_cls):].mean(axis=1)
         else:
             x = MAPHead(arch["num_heads"], arch["mlp_dim"], self.ln_eps, self.dtype, name="map")(x)
         if self.fc_norm:

@@ -9,6 +9,9 @@ from mmjax.tasks.base import Task
 _TASKS = {
     "classification": "mmjax.tasks.classification:ClassificationTask",
     "contrastive": "mmjax.tasks.contrastive:ContrastiveTask",
+    "mae": "mmjax.tasks.mae:MAETask",
+    "beit": "mmjax.tasks.beit:BEiTTask",
+    "beit_classification": "mmjax.tasks.beit:BEiTClassificationTask",
 }
 
 

@@ -12,7 +12,8 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmjax import sharding
 
@@ -35,6 +36,21 @@ class Task:
     def evaluate(self, params: Any, mesh: Mesh) -> dict[str, float]:
         raise NotImplementedError
 
+    def train_flops_per_example(self, batch_shapes: dict[str, tuple[int, ...]]) -> float | None:
+        """Analytic model FLOPs of one training example (forward + backward; see mmjax.flops).
+
+        `batch_shapes` holds the global batch's array shapes. None when the task cannot count,
+        in which case the trainer logs no TFLOP/s or MFU.
+        """
+        return None
+
+
+def fetch(tree: Any) -> Any:
+    """Device arrays -> host numpy, gathering the shards other processes hold on multi-host runs."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
 
 def put_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Places a batch that every process holds in full onto the mesh, split over the data axes."""
@@ -45,6 +61,12 @@ def put_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]
         return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
 
     return {k: put(v) for k, v in batch.items()}
+
+
+def put_replicated(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Places an array that every process holds in full onto every device of the mesh."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec()), lambda index: x[index])
 
 
 def run_over_split(eval_cfg: ml_collections.ConfigDict, mesh: Mesh, fn: Callable[..., Any],
@@ -61,6 +83,6 @@ def run_over_split(eval_cfg: ml_collections.ConfigDict, mesh: Mesh, fn: Callable
     for batch in pipeline.eval_batches(eval_cfg.data, eval_cfg.pp, batch_size, tokenizer=tokenizer,
                                        max_examples=eval_cfg.get("max_examples")):
         mask = np.asarray(batch.pop("mask"), bool)
-        out = jax.device_get(fn(put_global(batch, mesh)))
+        out = fetch(fn(put_global(batch, mesh)))
         keep = lambda x: np.asarray(x)[mask]  # noqa: E731
         yield jax.tree.map(keep, batch), jax.tree.map(keep, out)

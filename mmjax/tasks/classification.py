@@ -7,6 +7,7 @@ import functools
 import jax
 import ml_collections
 
+from mmjax import flops
 from mmjax.evaluate import classification as cls_eval
 from mmjax.losses import classification as cls_losses
 from mmjax.models import vit
@@ -39,6 +40,10 @@ class ClassificationTask(base.Task):
             loss = cls_losses.sigmoid_xent(logits, batch["label"])
         accuracy = (logits.argmax(-1) == batch["label"]).mean()
         return loss, {"batch_top1": accuracy}
+
+    def train_flops_per_example(self, batch_shapes):
+        image_hw = tuple(batch_shapes["image"][1:3])
+        return flops.TRAIN_FACTOR * flops.total(flops.vit_flops(self.model, image_hw, train=True))
 
     def evaluate(self, params, mesh):
         evals = self.config.get("evals", {})

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mmjax import flops
 from mmjax.data import tokenizers
 from mmjax.evaluate import retrieval, zeroshot
 from mmjax.losses import contrastive
@@ -23,9 +24,17 @@ class ContrastiveTask(base.Task):
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        self.loss_name = config.get("loss", {}).get("name", "clip")
+        loss_cfg = config.get("loss", {})
+        self.loss_name = loss_cfg.get("name", "clip")
         if self.loss_name not in LOSSES:
             raise ValueError(f"Unknown contrastive loss {self.loss_name!r}; known: {LOSSES}")
+        impl = loss_cfg.get("impl", "full")   # "local" (clip) / "chunked" (siglip) save memory
+        if (self.loss_name, impl) not in contrastive.LOSSES:
+            known = sorted(i for n, i in contrastive.LOSSES if n == self.loss_name)
+            raise ValueError(f"Unknown loss.impl {impl!r} for the {self.loss_name} loss; known: {known}")
+        self._loss_fn = contrastive.LOSSES[(self.loss_name, impl)]
+        if impl == "chunked" and loss_cfg.get("num_chunks"):
+            self._loss_fn = functools.partial(self._loss_fn, num_chunks=int(loss_cfg.num_chunks))
         model_cfg = config.model.to_dict()
         if self.loss_name == "siglip" and model_cfg.get("logit_bias_init") is None:
             raise ValueError("The siglip loss needs model.logit_bias_init (SigLIP uses -10)")
@@ -44,20 +53,26 @@ class ContrastiveTask(base.Task):
     def loss(self, params, batch, rng):
         out = self.model.apply({"params": params}, batch["image"], batch["text"], train=True,
                                rngs={"dropout": rng})
-        if self.loss_name == "clip":
-            loss, metrics = contrastive.clip_loss(*out)
-        else:
-            loss, metrics = contrastive.siglip_loss(*out)
+        loss, metrics = self._loss_fn(*out)
         metrics["logit_scale"] = out[2]
         return loss, metrics
 
-    def encode_texts(self, params, texts: list[str], batch_size: int = 256) -> np.ndarray:
-        """Embeds strings in fixed-size chunks (one compiled shape)."""
+    def train_flops_per_example(self, batch_shapes):
+        parts = flops.clip_flops(self.model, tuple(batch_shapes["image"][1:3]), batch_shapes["text"][1],
+                                 batch_size=batch_shapes["image"][0], train=True)
+        return flops.TRAIN_FACTOR * flops.total(parts)
+
+    def encode_texts(self, params, texts: list[str], batch_size: int = 256, mesh=None) -> np.ndarray:
+        """Embeds strings in fixed-size chunks (one compiled shape).
+
+        With a `mesh` the tokens are replicated over it, as params that span processes require.
+        """
         out = []
         for start in range(0, len(texts), batch_size):
             chunk = list(texts[start:start + batch_size])
             tokens = self.tokenizer(chunk + [""] * (batch_size - len(chunk)))
-            emb = self._encode_text({"params": params}, jnp.asarray(tokens))
+            tokens = jnp.asarray(tokens) if mesh is None else base.put_replicated(tokens, mesh)
+            emb = base.fetch(self._encode_text({"params": params}, tokens))
             out.append(np.asarray(emb)[:len(chunk)])
         return np.concatenate(out)
 
@@ -78,7 +93,7 @@ class ContrastiveTask(base.Task):
             raise ValueError(f"Zero-shot eval on {cfg.data.name} needs class names: the data set has "
                              "no 'label' ClassLabel feature; set evals.zeroshot.class_names")
         class_embs = zeroshot.class_embeddings(
-            lambda texts: self.encode_texts(params, texts), names, list(cfg.templates))
+            lambda texts: self.encode_texts(params, texts, mesh=mesh), names, list(cfg.templates))
         embs, labels = [], []
         encode = lambda b: self._encode_image({"params": params}, b["image"])  # noqa: E731
         for batch, emb in base.run_over_split(cfg, mesh, encode):

@@ -137,7 +137,7 @@ def test_eval_batches_max_examples_and_processes(small_shapes):
 
 
 def test_worker_processes_give_the_same_stream(small_shapes):
-    kwargs = dict(seed=4, tokenizer=fake_tokenizer, process_index=0, process_count=1)
+    kwargs = {"seed": 4, "tokenizer": fake_tokenizer, "process_index": 0, "process_count": 1}
     reference = _take(pipeline.make_train_loader(small_shapes, DEFAULT_PP, 8, **kwargs), 3)
     loader = pipeline.make_train_loader(small_shapes, DEFAULT_PP, 8, worker_count=1, **kwargs)
     it = iter(loader)
@@ -156,3 +156,23 @@ def test_worker_processes_give_the_same_stream(small_shapes):
     for want, have in zip(reference + reference[2:], got):  # the last one is the resumed batch
         for key in want:
             np.testing.assert_array_equal(want[key], have[key])
+
+
+def test_global_batches_and_positions_do_not_depend_on_the_process_count(small_shapes):
+    """Processes read blocks of each global batch, so a run can resume on another slice."""
+    kwargs = {"seed": 5, "tokenizer": fake_tokenizer}
+    single = _take(pipeline.make_train_loader(small_shapes, DEFAULT_PP, 16, process_index=0,
+                                              process_count=1, **kwargs), 3)
+    halves = [pipeline.make_train_loader(small_shapes, DEFAULT_PP, 16, process_index=p,
+                                         process_count=2, **kwargs) for p in range(2)]
+    shares = [_take(loader, 3) for loader in halves]
+    for b in range(3):
+        for key in single[b]:
+            np.testing.assert_array_equal(np.concatenate([shares[0][b][key], shares[1][b][key]]),
+                                          single[b][key])
+    it = iter(pipeline.make_train_loader(small_shapes, DEFAULT_PP, 16, process_index=0,
+                                         process_count=1, **kwargs))
+    next(it), next(it)
+    resumed = iter(halves[1])
+    resumed.set_state(it.get_state())  # saved by a 1-process run, restored by process 1 of 2
+    np.testing.assert_array_equal(next(resumed)["image"], single[2]["image"][8:])

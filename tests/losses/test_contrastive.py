@@ -1,6 +1,7 @@
 """mmjax.losses: CLIP / SigLIP losses against open_clip (values and autograd gradients), sharded
-(8 CPU devices) == single-device losses and gradients, and the classification losses against
-NumPy hand computations."""
+(8 CPU devices) == single-device losses and gradients, the memory-efficient forms (local CLIP,
+chunked SigLIP) == the full-batch losses, and the classification losses against NumPy hand
+computations."""
 
 import jax
 import jax.numpy as jnp
@@ -142,6 +143,102 @@ def test_sharded_loss_and_grads_equal_single_device(mesh, loss_name):
         np.testing.assert_allclose(np.asarray(g8), np.asarray(g1), rtol=1e-5, atol=1e-7)
     # Not a degenerate comparison.
     assert np.abs(np.asarray(grads1[0])).max() > 1e-3 and float(loss1) > 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory-efficient forms == full-batch losses (values, metrics, gradients), on the 8-device mesh
+# ---------------------------------------------------------------------------------------------
+
+EFFICIENT = [("clip_loss", "clip_loss_local", ()), ("siglip_loss", "siglip_loss_chunked", (-4.0,))]
+
+
+def _value_grads_metrics(fn, args, mesh=None):
+    step = jax.value_and_grad(lambda *a: fn(*a)[0], argnums=tuple(range(len(args))))
+    metrics = lambda *a: fn(*a)[1]
+    if mesh is None:
+        return jax.jit(step)(*args), jax.jit(metrics)(*args)
+    with jax.set_mesh(mesh):
+        return jax.jit(step)(*args), jax.jit(metrics)(*args)
+
+
+@pytest.mark.parametrize("spec", [[("data", 8)], [("data", 2), ("fsdp", 2), ("tensor", 2)]],
+                         ids=["data8", "data2_fsdp2_tensor2"])
+@pytest.mark.parametrize("full_name,efficient_name,extra", EFFICIENT, ids=["clip_local", "siglip_chunked"])
+def test_memory_efficient_loss_equals_full_batch_loss(spec, full_name, efficient_name, extra):
+    mesh = sharding.make_mesh(spec)
+    img, txt = _features(64, 16, seed=6)
+    batch = sharding.batch_sharding(mesh)
+    args = (jax.device_put(img, batch), jax.device_put(txt, batch), np.float32(12.0),
+            *(np.float32(x) for x in extra))
+    (want, want_grads), want_metrics = _value_grads_metrics(getattr(contrastive, full_name), args, mesh)
+    (got, got_grads), got_metrics = _value_grads_metrics(getattr(contrastive, efficient_name), args, mesh)
+    grad_diff = max(float(np.abs(np.asarray(g) - np.asarray(w)).max()) for g, w in zip(got_grads, want_grads))
+    print(f"{efficient_name} vs {full_name} on {dict(mesh.shape)}: loss diff "
+          f"{abs(float(got) - float(want)):.3g}, max grad diff {grad_diff:.3g}")
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
+    assert set(want_metrics) <= set(got_metrics)
+    for key in want_metrics:
+        np.testing.assert_allclose(float(got_metrics[key]), float(want_metrics[key]), rtol=1e-5, atol=1e-6)
+    assert 0.2 < float(want_metrics["batch_i2t_top1"]) < 1.0   # a metric that can disagree
+    assert np.abs(np.asarray(want_grads[1])).max() > 1e-3
+
+
+@pytest.mark.parametrize("num_chunks", [1, 4, 16])
+def test_siglip_chunked_without_mesh_equals_full(num_chunks):
+    img, txt = _features(16, 8, seed=7)
+    args = (jnp.asarray(img), jnp.asarray(txt), jnp.float32(10.0), jnp.float32(-3.0))
+    fn = lambda *a: contrastive.siglip_loss_chunked(*a, num_chunks=num_chunks)
+    (got, got_grads), got_metrics = _value_grads_metrics(fn, args)
+    (want, want_grads), want_metrics = _value_grads_metrics(contrastive.siglip_loss, args)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
+    assert float(got_metrics["batch_i2t_top1"]) == float(want_metrics["batch_i2t_top1"])
+
+
+def test_clip_local_without_mesh_is_the_full_loss():
+    img, txt = _features(8, 4, seed=8)
+    got = contrastive.clip_loss_local(jnp.asarray(img), jnp.asarray(txt), 5.0)[0]
+    want = contrastive.clip_loss(jnp.asarray(img), jnp.asarray(txt), 5.0)[0]
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+
+
+def test_memory_efficient_losses_never_hold_the_full_logits(mesh):
+    """Compiled per-device temporaries of the value-and-grad, batch 4096 on 8 devices: the
+    (N, N) float32 logits would take 64 MiB. The local CLIP loss holds a few (N/8, N) blocks;
+    chunked SigLIP holds (N/8, N/8) blocks and needs much less than the full SigLIP loss."""
+    n, d = 4096, 32
+    batch = sharding.batch_sharding(mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    full_logits = n * n * 4
+
+    def temp_bytes(fn, num_scalars):
+        args = [jax.ShapeDtypeStruct((n, d), jnp.float32, sharding=batch)] * 2
+        args += [jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)] * num_scalars
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(jax.value_and_grad(lambda *a: fn(*a)[0], argnums=(0, 1))).lower(*args).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    local = temp_bytes(contrastive.clip_loss_local, 1)
+    chunked, full = temp_bytes(contrastive.siglip_loss_chunked, 2), temp_bytes(contrastive.siglip_loss, 2)
+    print(f"per-device temporaries (MiB): clip local {local / 2**20:.1f}, siglip chunked "
+          f"{chunked / 2**20:.1f}, siglip full {full / 2**20:.1f}; full logits {full_logits / 2**20:.0f}")
+    assert local < full_logits / 2
+    assert chunked < full / 2 and chunked < full_logits / 8
+
+
+def test_memory_efficient_losses_reject_uneven_batches(mesh):
+    img, txt = _features(12, 4, seed=9)
+    with pytest.raises(ValueError, match="does not split into 5 text chunks"):
+        contrastive.siglip_loss_chunked(jnp.asarray(img), jnp.asarray(txt), 1.0, 0.0, num_chunks=5)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="does not split into 8 batch shards"):
+        contrastive.clip_loss_local(jnp.asarray(img), jnp.asarray(txt), 1.0)
+
+
+def test_batch_axes_match_the_batch_sharding(mesh):
+    assert tuple(sharding.batch_sharding(mesh).spec[0]) == contrastive.BATCH_AXES
 
 
 # ---------------------------------------------------------------------------------------------

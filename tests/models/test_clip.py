@@ -185,50 +185,13 @@ def test_unknown_text_pool():
 # Architecture parity with open_clip
 # ---------------------------------------------------------------------------------------------
 
-def _open_clip_to_mmjax(state: dict, heads: int, vision_depth: int, text_depth: int) -> dict:
-    """Explicit mapping of open_clip.CLIP weights onto mmjax.models.clip.CLIP params."""
-    t = {k: v.detach().numpy().astype(np.float32) for k, v in state.items()}
-
-    def linear(prefix):           # torch Linear (out, in) -> flax Dense (in, out)
-        return {"kernel": t[f"{prefix}.weight"].T, "bias": t[f"{prefix}.bias"]}
-
-    def norm(prefix):
-        return {"scale": t[f"{prefix}.weight"], "bias": t[f"{prefix}.bias"]}
-
-    def block(prefix):
-        w = t[f"{prefix}.attn.in_proj_weight"]        # (3*width, width), rows q | k | v
-        width = w.shape[1]
-        hd = width // heads
-        w = w.reshape(3, heads, hd, width)
-        b = t[f"{prefix}.attn.in_proj_bias"].reshape(3, heads, hd)
-        attn = {name: {"kernel": w[j].transpose(2, 0, 1), "bias": b[j]}
-                for j, name in enumerate(("query", "key", "value"))}
-        attn["out"] = {"kernel": t[f"{prefix}.attn.out_proj.weight"].T.reshape(heads, hd, width),
-                       "bias": t[f"{prefix}.attn.out_proj.bias"]}
-        return {"ln1": norm(f"{prefix}.ln_1"), "attn": attn, "ln2": norm(f"{prefix}.ln_2"),
-                "mlp": {"fc1": linear(f"{prefix}.mlp.c_fc"), "fc2": linear(f"{prefix}.mlp.c_proj")}}
-
-    visual = {
-        "embedding": {"conv": {"kernel": t["visual.conv1.weight"].transpose(2, 3, 1, 0)}},  # no bias
-        "cls": t["visual.class_embedding"][None, None],
-        "posemb": {"pos_embedding": t["visual.positional_embedding"][None]},
-        "ln_pre": norm("visual.ln_pre"),
-        "encoder": {f"layer_{i}": block(f"visual.transformer.resblocks.{i}") for i in range(vision_depth)},
-        "norm": norm("visual.ln_post"),
-    }
-    textual = {
-        "token_embedding": {"embedding": t["token_embedding.weight"]},
-        "pos_embedding": t["positional_embedding"],
-        "encoder": {f"layer_{i}": block(f"transformer.resblocks.{i}") for i in range(text_depth)},
-        "ln_final": norm("ln_final"),
-    }
-    return {
-        "visual": visual,
-        "textual": textual,
-        "image_proj": {"kernel": t["visual.proj"]},        # (width, embed): x @ proj
-        "text_proj": {"kernel": t["text_projection"]},     # (width, embed): x @ text_projection
-        "logit_scale": t["logit_scale"].reshape(()),
-    }
+def _open_clip_to_mmjax(state: dict, model: clip.CLIP, images, tokens) -> dict:
+    """open_clip.CLIP weights as mmjax CLIP params, through the conversion engine's open_clip table."""
+    from mmjax.convert import clip as convert_clip
+    from mmjax.convert import engine
+    expected = engine.flatten(_shapes(model, images, tokens)["params"])
+    flat = engine.to_mmjax({k: v.detach().numpy() for k, v in state.items()}, convert_clip.OPEN_CLIP_TABLE, expected)
+    return engine.unflatten(flat)
 
 
 def test_architecture_parity_with_open_clip():
@@ -250,9 +213,7 @@ def test_architecture_parity_with_open_clip():
         want_txt = ref.encode_text(torch.from_numpy(tokens).long(), normalize=False).numpy()
 
     model = clip.CLIP(embed_dim=EMBED, image=IMAGE_CFG, text=TEXT_CFG)
-    params = _open_clip_to_mmjax(ref.state_dict(), heads=2, vision_depth=2, text_depth=2)
-    shapes = _shapes(model, images, tokens)["params"]
-    assert jax.tree.map(np.shape, params) == jax.tree.map(lambda x: x.shape, shapes)
+    params = _open_clip_to_mmjax(ref.state_dict(), model, images, tokens)
 
     enc = jax.jit(lambda p, x, t: (model.apply({"params": p}, x, method="encode_image"),
                                    model.apply({"params": p}, t, method="encode_text")))

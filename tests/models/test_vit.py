@@ -305,40 +305,13 @@ def test_bfloat16_compute_close_to_float32(small_unscanned):
 # Architecture parity with timm
 # ---------------------------------------------------------------------------------------------
 
-def _timm_to_mmjax(state: dict, depth: int, heads: int) -> dict:
-    """Explicit mapping of timm VisionTransformer weights onto mmjax.models.vit.ViT params."""
-    t = {k: v.detach().numpy().astype(np.float32) for k, v in state.items()}
-    width = t["cls_token"].shape[-1]
-    hd = width // heads
-
-    def linear(prefix):          # torch Linear (out, in) -> flax Dense (in, out)
-        return {"kernel": t[f"{prefix}.weight"].T, "bias": t[f"{prefix}.bias"]}
-
-    def norm(prefix):
-        return {"scale": t[f"{prefix}.weight"], "bias": t[f"{prefix}.bias"]}
-
-    params = {
-        "embedding": {"conv": {"kernel": t["patch_embed.proj.weight"].transpose(2, 3, 1, 0),  # OIHW->HWIO
-                               "bias": t["patch_embed.proj.bias"]}},
-        "cls": t["cls_token"],
-        "posemb": {"pos_embedding": t["pos_embed"]},
-        "encoder": {},
-        "norm": norm("norm"),
-        "head": linear("head"),
-    }
-    for i in range(depth):
-        b = f"blocks.{i}"
-        qkv_w = t[f"{b}.attn.qkv.weight"].reshape(3, heads, hd, width)    # (3*width, width) rows: q|k|v
-        qkv_b = t[f"{b}.attn.qkv.bias"].reshape(3, heads, hd)
-        attn = {name: {"kernel": qkv_w[j].transpose(2, 0, 1), "bias": qkv_b[j]}  # (embed, heads, hd)
-                for j, name in enumerate(("query", "key", "value"))}
-        attn["out"] = {"kernel": t[f"{b}.attn.proj.weight"].T.reshape(heads, hd, width),
-                       "bias": t[f"{b}.attn.proj.bias"]}
-        params["encoder"][f"layer_{i}"] = {
-            "ln1": norm(f"{b}.norm1"), "attn": attn, "ln2": norm(f"{b}.norm2"),
-            "mlp": {"fc1": linear(f"{b}.mlp.fc1"), "fc2": linear(f"{b}.mlp.fc2")},
-        }
-    return params
+def _timm_to_mmjax(state: dict, model: vit.ViT, images) -> dict:
+    """timm VisionTransformer weights as mmjax ViT params, through the conversion engine's timm table."""
+    from mmjax.convert import engine
+    from mmjax.convert import vit as convert_vit
+    expected = engine.flatten(_shapes(model, images)["params"])
+    flat = engine.to_mmjax({k: v.detach().numpy() for k, v in state.items()}, convert_vit.TIMM_TABLE, expected)
+    return engine.unflatten(flat)
 
 
 def test_architecture_parity_with_timm_vit_tiny():
@@ -358,9 +331,7 @@ def test_architecture_parity_with_timm_vit_tiny():
         want = ref(torch.from_numpy(images)).numpy()
 
     model = vit.ViT(variant="Ti/16", num_classes=1000, ln_eps=1e-6, head_zero_init=False)
-    params = _timm_to_mmjax(ref.state_dict(), depth=12, heads=3)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))["params"]
-    assert jax.tree.map(np.shape, params) == jax.tree.map(lambda x: x.shape, nn.meta.unbox(shapes))
+    params = _timm_to_mmjax(ref.state_dict(), model, np.zeros((1, 224, 224, 3), np.float32))
     got = np.asarray(jax.jit(model.apply)({"params": params}, images.transpose(0, 2, 3, 1)))
     diff = float(np.abs(got - want).max())
     print(f"timm vit_tiny_patch16_224 vs mmjax ViT-Ti/16 logits: max abs diff {diff:.3g} "

@@ -1,0 +1,1 @@
+"""Speed, memory and MFU benchmarks (CPU and GPU); run `python -m benchmarks.cpu --help`."""

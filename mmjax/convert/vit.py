@@ -1,0 +1,186 @@
+"""ViT tables: timm `VisionTransformer` and Hugging Face `ViTModel` / `ViTForImageClassification`.
+
+timm model names give the architecture (`vit_{size}_patch{P}[_clip][_quickgelu]_{res}`); the
+class count comes from the checkpoint's head. Hugging Face folders give it in config.json.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from mmjax.convert.engine import (
+    ConversionError,
+    Plan,
+    Table,
+    attention,
+    conv,
+    fused_qkv,
+    heads_in,
+    heads_out,
+    linear,
+    norm,
+    require,
+    rule,
+)
+from mmjax.models import vit
+from mmjax.pretrained import input_spec
+
+VIT = "mmjax.models.vit.ViT"
+
+# ---------------------------------------------------------------------------------------------
+# timm
+# ---------------------------------------------------------------------------------------------
+
+TIMM_SIZES = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "H", "giant": "g", "gigantic": "G"}
+TIMM_NAME = re.compile(
+    r"vit_(?P<size>[a-z]+)_patch(?P<patch>\d+)(?P<clip>_clip)?(?P<quickgelu>_quickgelu)?_(?P<res>\d+)")
+
+TIMM_TABLE = Table((
+    *conv("patch_embed.proj", "embedding/conv"),
+    rule("cls_token", "cls"),
+    rule("pos_embed", "posemb/pos_embedding"),
+    *norm("norm_pre", "ln_pre"),
+    *norm("blocks.{i}.norm1", "encoder/layer_{i}/ln1"),
+    *fused_qkv("blocks.{i}.attn.qkv.weight", "blocks.{i}.attn.qkv.bias", "encoder/layer_{i}/attn"),
+    *heads_out("blocks.{i}.attn.proj", "encoder/layer_{i}/attn/out"),
+    rule("blocks.{i}.ls1.gamma", "encoder/layer_{i}/ls1"),
+    *norm("blocks.{i}.norm2", "encoder/layer_{i}/ln2"),
+    *linear("blocks.{i}.mlp.fc1", "encoder/layer_{i}/mlp/fc1"),
+    *linear("blocks.{i}.mlp.fc2", "encoder/layer_{i}/mlp/fc2"),
+    rule("blocks.{i}.ls2.gamma", "encoder/layer_{i}/ls2"),
+    *norm("norm", "norm"),
+    *linear("head", "head"),
+))
+
+
+def timm_architecture(name: str) -> tuple[dict, int]:
+    """(ViT fields, image size) of a timm ViT name such as vit_base_patch16_224 (a ".tag" is dropped)."""
+    m = TIMM_NAME.fullmatch(name.split(".")[0])
+    if m is None or m["size"] not in TIMM_SIZES:
+        raise ConversionError(
+            f"Unknown or unsupported timm model {name!r}. Supported: the plain timm ViTs named "
+            f"vit_<size>_patch<P>[_clip][_quickgelu]_<res> with size in {list(TIMM_SIZES)}, "
+            "e.g. vit_base_patch16_224, vit_large_patch14_clip_224")
+    clip = bool(m["clip"])
+    fields = dict(vit.parse_variant(f"{TIMM_SIZES[m['size']]}/{m['patch']}"), pool="cls", posemb="learn",
+                  pre_norm=clip, patch_bias=not clip, ln_eps=1e-5 if clip else 1e-6,
+                  act="quick_gelu" if m["quickgelu"] else "gelu")
+    return fields, int(m["res"])
+
+
+def from_timm(name: str, state: dict[str, np.ndarray]) -> Plan:
+    fields, size = timm_architecture(name)
+    head = state.get("head.weight")
+    fields["num_classes"] = int(head.shape[0]) if head is not None else None
+    return Plan(VIT, fields, [input_spec((1, size, size, 3))], TIMM_TABLE, {"library": "timm", "model": name})
+
+
+def timm_export(config: dict) -> tuple[Table, None]:
+    """The table that writes this model directory (model_config.json as `config`) for timm."""
+    require(config["fields"], "timm", pool="cls", posemb="learn", fc_norm=False, representation_size=None)
+    return TIMM_TABLE, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face transformers
+# ---------------------------------------------------------------------------------------------
+
+HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_new": "gelu_tanh",
+                  "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu"}
+HF_VIT_ARCHITECTURES = ("ViTModel", "ViTForImageClassification")
+
+
+def _hf_vit_table(p: str) -> Table:
+    """`p` is "vit." inside ViTForImageClassification, "" for a bare ViTModel.
+
+    transformers 5 names (layers.{i}.attention.q_proj, mlp.fc1) are written; the 4.x names
+    (encoder.layer.{i}.attention.attention.query, intermediate.dense) are read too.
+    """
+    new, old = f"{p}layers.{{i}}", f"{p}encoder.layer.{{i}}"
+    dst = "encoder/layer_{i}"
+    return Table((
+        *conv(f"{p}embeddings.patch_embeddings.projection", "embedding/conv"),
+        rule(f"{p}embeddings.cls_token", "cls"),
+        rule(f"{p}embeddings.position_embeddings", "posemb/pos_embedding"),
+        *norm(f"{new}.layernorm_before", f"{dst}/ln1"),
+        *attention(*(f"{new}.attention.{n}_proj" for n in "qkvo"), f"{dst}/attn"),
+        *norm(f"{new}.layernorm_after", f"{dst}/ln2"),
+        *linear(f"{new}.mlp.fc1", f"{dst}/mlp/fc1"),
+        *linear(f"{new}.mlp.fc2", f"{dst}/mlp/fc2"),
+        *norm(f"{p}layernorm", "norm"),
+        *linear("pooler.dense", "pre_logits"),
+        *linear("classifier", "head"),
+        # transformers 4.x spellings, read only
+        *norm(f"{old}.layernorm_before", f"{dst}/ln1", export=False),
+        *heads_in(f"{old}.attention.attention.query", f"{dst}/attn/query", export=False),
+        *heads_in(f"{old}.attention.attention.key", f"{dst}/attn/key", export=False),
+        *heads_in(f"{old}.attention.attention.value", f"{dst}/attn/value", export=False),
+        *heads_out(f"{old}.attention.output.dense", f"{dst}/attn/out", export=False),
+        *norm(f"{old}.layernorm_after", f"{dst}/ln2", export=False),
+        *linear(f"{old}.intermediate.dense", f"{dst}/mlp/fc1", export=False),
+        *linear(f"{old}.output.dense", f"{dst}/mlp/fc2", export=False),
+    ), ignore=(r".*position_ids",))
+
+
+def hf_activation(name: str) -> str:
+    if name not in HF_ACTIVATIONS:
+        raise ConversionError(f"Unsupported hidden_act {name!r}; supported: {sorted(HF_ACTIVATIONS)}")
+    return HF_ACTIVATIONS[name]
+
+
+def from_hf(config: dict, state: dict[str, np.ndarray]) -> Plan:
+    arch = (config.get("architectures") or ["ViTModel"])[0]
+    get = config.get
+    if not get("qkv_bias", True):
+        raise ConversionError("ViT with qkv_bias=False is not supported "
+                              "(mmjax attention biases q/k/v and out together)")
+    fields = {"width": get("hidden_size", 768), "depth": get("num_hidden_layers", 12),
+              "num_heads": get("num_attention_heads", 12), "mlp_dim": get("intermediate_size", 3072),
+              "patch_size": get("patch_size", 16), "in_channels": get("num_channels", 3), "pool": "cls",
+              "posemb": "learn", "act": hf_activation(get("hidden_act", "gelu")),
+              "ln_eps": get("layer_norm_eps", 1e-12)}
+    if arch == "ViTForImageClassification":
+        head = state.get("classifier.weight")
+        fields["num_classes"] = int(head.shape[0]) if head is not None else len(get("id2label") or {0: 0, 1: 1})
+        prefix = "vit."
+    else:
+        prefix = ""
+        if "pooler.dense.weight" in state:
+            if get("pooler_act", "tanh") != "tanh":
+                raise ConversionError(f"ViT pooler activation {get('pooler_act')!r} is not supported (tanh only)")
+            fields["representation_size"] = get("pooler_output_size") or fields["width"]
+    size = get("image_size", 224)
+    return Plan(VIT, fields, [input_spec((1, size, size, fields["in_channels"]))], _hf_vit_table(prefix),
+                {"library": "hf", "architecture": arch, "config": config})
+
+
+def hf_export(config: dict) -> tuple[Table, dict]:
+    """The table and config.json that write this model directory for transformers."""
+    fields, source = config["fields"], config["source"]
+    require(fields, "Hugging Face ViT", pool="cls", posemb="learn", pre_norm=False, fc_norm=False,
+             patch_bias=True, qkv_bias=True, layer_scale=None)
+    image_size = config["inputs"][0]["shape"][1]
+    if source.get("library") == "hf":
+        hf_config = source["config"]
+    else:
+        arch = vit.ViT(**{k: v for k, v in fields.items() if k in ("variant", "width", "depth", "mlp_dim",
+                                                                     "num_heads", "patch_size")}).arch()
+        act = {v: k for k, v in HF_ACTIVATIONS.items() if k not in ("swish", "gelu_new")}[fields.get("act", "gelu")]
+        classes = fields.get("num_classes")
+        hf_config = {
+            "architectures": ["ViTForImageClassification" if classes else "ViTModel"], "model_type": "vit",
+            "hidden_size": arch["width"], "num_hidden_layers": arch["depth"], "num_attention_heads": arch["num_heads"],
+            "intermediate_size": arch["mlp_dim"], "hidden_act": act, "layer_norm_eps": fields.get("ln_eps", 1e-6),
+            "image_size": image_size, "patch_size": arch["patch_size"][0],
+            "num_channels": fields.get("in_channels", 3), "qkv_bias": True,
+            "pooler_output_size": fields.get("representation_size") or arch["width"], "pooler_act": "tanh"}
+        if classes:
+            hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(classes)}
+            hf_config["label2id"] = {f"LABEL_{i}": i for i in range(classes)}
+    classifier = (hf_config.get("architectures") or ["ViTModel"])[0] == "ViTForImageClassification"
+    if classifier != bool(fields.get("num_classes")):
+        raise ConversionError("The model's head does not match the Hugging Face architecture in its source config")
+    return _hf_vit_table("vit." if classifier else ""), hf_config
+

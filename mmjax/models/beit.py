@@ -1,0 +1,115 @@
+"""BEiT (Bao et al. 2022): a ViT with layer scale and relative position bias, pretrained by
+predicting the dVAE visual tokens of masked patches.
+
+`BEiT(variant="B/16", vocab_size=8192)` is the pretraining model: masked patches (the
+`bool_masked_pos` array, True = masked) are replaced by a learned mask token, and the head
+maps every patch token to visual-token logits. `BEiT(variant="B/16", num_classes=1000)` is the
+fine-tuning model: mean of the patch tokens → LayerNorm → linear head.
+
+Parameter names: `embedding/conv`, `cls`, `mask_token`, `posemb` (optional absolute
+embedding), `rel_pos_bias/table` (shared) or `encoder/layer_N/rel_pos_bias/table` (per layer),
+`encoder/...` (the shared EncoderBlock; its key projection has no bias, as BEiT), `norm`, `head`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models import layers, transformer, vit
+
+REL_POS = ("shared", "layer", "none")
+
+
+class BEiT(nn.Module):
+    """BEiT backbone with a visual-token head (`vocab_size`) or a classifier (`num_classes`)."""
+
+    variant: str | None = None
+    width: int | None = None
+    depth: int | None = None
+    mlp_dim: int | None = None
+    num_heads: int | None = None
+    patch_size: int | tuple[int, int] | None = None
+    in_channels: int = 3
+    layer_scale: float | None = 0.1          # 0.1 for B, 1e-5 for L (BEiT pretraining)
+    rel_pos: str = "shared"                  # "shared" in pretraining, "layer" in fine-tuning
+    abs_posemb: bool = False
+    use_mask_token: bool | None = None       # default: when vocab_size is set
+    vocab_size: int | None = None
+    num_classes: int | None = None
+    head_init_scale: float = 1.0             # BEiT fine-tuning scales the head init by 0.001
+    dropout: float = 0.0
+    act: str = "gelu"
+    ln_eps: float = 1e-6
+    dtype: layers.Dtype = jnp.float32
+    attention_impl: str = "xla"
+    scan: bool = False
+    remat_policy: str = "none"
+
+    def arch(self) -> dict:
+        fields = ("variant", "width", "depth", "mlp_dim", "num_heads", "patch_size")
+        return vit.ViT(**{k: getattr(self, k) for k in fields}, parent=None).arch()   # unbound: a resolver only
+
+    @nn.compact
+    def __call__(self, images: jax.Array, bool_masked_pos: jax.Array | None = None, *,
+                 train: bool = False) -> jax.Array:
+        """Returns visual-token logits (B, N, vocab), class logits (B, classes), or the normed
+        tokens (B, 1 + N, width) when neither head is set."""
+        if self.rel_pos not in REL_POS:
+            raise ValueError(f"Unknown rel_pos {self.rel_pos!r}; known: {REL_POS}")
+        if self.vocab_size is not None and self.num_classes is not None:
+            raise ValueError("Set BEiT's vocab_size (pretraining) or num_classes (fine-tuning), not both")
+        arch = self.arch()
+        vit.check_images(images, self.in_channels, arch["patch_size"])
+        width, heads = arch["width"], arch["num_heads"]
+
+        x = layers.PatchEmbed(width, arch["patch_size"], dtype=self.dtype, name="embedding")(
+            images.astype(self.dtype))
+        b, h, w, _ = x.shape
+        x = x.reshape(b, h * w, width)
+        use_mask_token = self.vocab_size is not None if self.use_mask_token is None else self.use_mask_token
+        if use_mask_token:
+            token = self.param("mask_token", nn.with_logical_partitioning(
+                nn.initializers.truncated_normal(0.02), (None, None, "embed")), (1, 1, width))
+            if bool_masked_pos is not None:
+                if bool_masked_pos.shape != (b, h * w):
+                    raise ValueError(f"bool_masked_pos must be shaped (batch, num_patches) = {(b, h * w)}, "
+                                     f"got {bool_masked_pos.shape}")
+                x = jnp.where(bool_masked_pos[..., None], token.astype(x.dtype), x)
+        elif bool_masked_pos is not None:
+            raise ValueError("bool_masked_pos needs a mask token: set vocab_size or use_mask_token=True")
+        cls = self.param("cls", nn.with_logical_partitioning(
+            nn.initializers.truncated_normal(0.02), (None, None, "embed")), (1, 1, width))
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, width)), x], axis=1)
+        if self.abs_posemb:
+            x = layers.LearnedPosEmb(name="posemb")(x)
+        x = layers.constrain(x, ("act_batch", "act_len", "act_emb"))
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+
+        bias = None
+        if self.rel_pos == "shared":
+            bias = layers.RelativePositionBias(heads, (h, w), name="rel_pos_bias")()
+        x = transformer.Encoder(
+            depth=arch["depth"], num_heads=heads, mlp_dim=arch["mlp_dim"], dropout=self.dropout,
+            act=self.act, ln_eps=self.ln_eps, layer_scale=self.layer_scale, key_bias=False,
+            rel_pos_window=(h, w) if self.rel_pos == "layer" else None, dtype=self.dtype,
+            attention_impl=self.attention_impl, scan=self.scan, remat_policy=self.remat_policy,
+            name="encoder")(x, None, bias, deterministic=not train)
+
+        head_init = nn.initializers.truncated_normal(0.02 * self.head_init_scale)   # BEiT's init
+        if self.num_classes is not None:           # fine-tuning: mean-pool patches, then norm
+            pooled = layers.LayerNorm(self.ln_eps, name="norm")(x[:, 1:].mean(axis=1))
+            self.sow("intermediates", "pre_logits", pooled)
+            logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
+                              kernel_init=layers.dense_init(("embed", "classes"), head_init),
+                              bias_init=layers.dense_init(("classes",), nn.initializers.zeros))(pooled)
+            return logits.astype(jnp.float32)
+        x = layers.LayerNorm(self.ln_eps, name="norm")(x)
+        self.sow("intermediates", "encoded", x)
+        if self.vocab_size is None:
+            return x.astype(jnp.float32)
+        logits = nn.Dense(self.vocab_size, dtype=self.dtype, name="head",
+                          kernel_init=layers.dense_init(("embed", "vocab"), head_init),
+                          bias_init=layers.dense_init(("vocab",), nn.initializers.zeros))(x[:, 1:])
+        return layers.constrain(logits, ("act_batch", "act_len", None)).astype(jnp.float32)

@@ -1,0 +1,41 @@
+"""Convolutional stem for ViTs (Xiao et al. 2021, "Early Convolutions Help Transformers See Better").
+
+A few stride-2 3×3 convolutions replace most of the patchify step; a last k×k stride-k
+convolution reaches the patch size. Same token grid and width as `layers.PatchEmbed`, but the
+network learns local shape features much sooner, which matters most for small models and
+short schedules. LayerNorm stands in for the paper's BatchNorm so the stem keeps no state.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models import layers
+
+
+class ConvStem(nn.Module):
+    """NHWC images -> (B, H/patch, W/patch, width) through `len(channels)` stride-2 convolutions."""
+
+    width: int
+    patch_size: tuple[int, int]
+    channels: tuple[int, ...]
+    dtype: layers.Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        reduction = 2 ** len(self.channels)
+        if self.patch_size[0] % reduction or self.patch_size[1] % reduction:
+            raise ValueError(f"A conv stem of {len(self.channels)} stride-2 layers needs a patch size "
+                             f"divisible by {reduction}, got {self.patch_size}")
+        x = images
+        for i, c in enumerate(self.channels):
+            x = nn.Conv(c, (3, 3), strides=(2, 2), padding="SAME", use_bias=False, dtype=self.dtype,
+                        name=f"conv{i}",
+                        kernel_init=layers.dense_init((None, None, None, None), nn.initializers.he_normal()))(x)
+            x = nn.gelu(nn.LayerNorm(1e-6, dtype=jnp.float32, name=f"norm{i}")(x)).astype(self.dtype)
+        last = (self.patch_size[0] // reduction, self.patch_size[1] // reduction)
+        return nn.Conv(self.width, last, strides=last, padding="VALID", dtype=self.dtype, name="proj",
+                       kernel_init=layers.dense_init((None, None, None, "embed"), nn.initializers.lecun_normal()),
+                       bias_init=layers.dense_init(("embed",), nn.initializers.zeros))(x)

@@ -1,0 +1,206 @@
+"""Model directories: what `mmjax-convert` writes and `mmjax.load` reads.
+
+    DIR/model_config.json   {"format": "mmjax-model/1", "class": "mmjax.models.vit.ViT",
+                             "fields": {...dataclass fields...}, "inputs": [example input specs],
+                             "source": {...where the weights came from...}}
+    DIR/checkpoint/         orbax checkpoint of {"params": ...}
+
+The directory rebuilds its model without knowing the source. `load` can switch the layer
+layout (`scan=True` stacks `layer_{i}` into a scanned `layers` axis and back) and the image
+size (learned position embeddings are resampled bicubically, as timm does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mmjax.convert.engine import (
+    ConversionError,
+    flatten,
+    stack_layers,
+    unflatten,
+    unstack_layers,
+)
+from mmjax.models import layers
+
+FORMAT = "mmjax-model/1"
+CONFIG_FILE = "model_config.json"
+CHECKPOINT_DIR = "checkpoint"
+# Compute/layout knobs that every tower has: an override also reaches nested tower configs.
+TOWER_KNOBS = ("scan", "remat_policy", "dtype", "attention_impl")
+
+
+def input_spec(shape: Sequence[int], dtype: str = "float32") -> dict:
+    """One example input for `model.init`, e.g. input_spec((1, 224, 224, 3)) for images."""
+    return {"shape": [int(d) for d in shape], "dtype": str(dtype)}
+
+
+def model_fields(model: nn.Module) -> dict:
+    """The module's dataclass fields as JSON values (compute dtypes are left out)."""
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items() if k != "dtype"}
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return value
+    fields = {f.name: plain(getattr(model, f.name)) for f in dataclasses.fields(model)
+              if f.name not in ("parent", "name", "dtype")}
+    json.dumps(fields)      # fails loudly on a field that is not JSON
+    return fields
+
+
+def with_overrides(cls: type, fields: dict, overrides: dict) -> dict:
+    """Fields with overrides applied; TOWER_KNOBS also go into nested tower dicts (CLIP's towers)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {k: dict(v) if isinstance(v, dict) else v for k, v in fields.items()}
+    for key, value in overrides.items():
+        placed = key in names
+        if placed:
+            fields[key] = value
+        if key in TOWER_KNOBS:
+            for name, sub in fields.items():
+                if isinstance(sub, dict) and name in names:
+                    sub[key] = value
+                    placed = True
+        if not placed:
+            raise ValueError(f"{cls.__name__} has no field {key!r}; fields: {sorted(names - {'parent', 'name'})}")
+    return fields
+
+
+def _model_class(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    if not module.startswith("mmjax.models."):
+        raise ConversionError(f"Model class {path!r} is not an mmjax model (mmjax.models.*)")
+    cls = getattr(importlib.import_module(module), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ConversionError(f"{path!r} is not a flax module class")
+    return cls
+
+
+def _as_tuples(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _as_tuples(v) for k, v in value.items()}
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def build(class_path: str, fields: dict) -> nn.Module:
+    return _model_class(class_path)(**_as_tuples(fields))
+
+
+def abstract_params(model: nn.Module, inputs: Sequence[dict]) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat path -> ShapeDtypeStruct of the params `model.init` creates (tracing only)."""
+    args = [jax.ShapeDtypeStruct(tuple(s["shape"]), jnp.dtype(s["dtype"])) for s in inputs]
+    shapes = jax.eval_shape(lambda *xs: model.init(jax.random.key(0), *xs), *args)
+    return flatten(nn.meta.unbox(shapes)["params"])
+
+
+def save(directory: str, model: nn.Module, params: dict, inputs: Sequence[dict],
+         source: dict | None = None, overwrite: bool = False) -> None:
+    """Writes a model directory: model_config.json and an orbax checkpoint of {"params": params}."""
+    directory = os.path.abspath(directory)
+    config_path = os.path.join(directory, CONFIG_FILE)
+    if os.path.exists(config_path) and not overwrite:
+        raise FileExistsError(f"{directory} already holds a model (pass overwrite=True / --overwrite)")
+    os.makedirs(directory, exist_ok=True)
+    if overwrite:
+        shutil.rmtree(os.path.join(directory, CHECKPOINT_DIR), ignore_errors=True)
+    config = {"format": FORMAT, "class": f"{type(model).__module__}.{type(model).__qualname__}",
+              "fields": model_fields(model), "inputs": list(inputs), "source": source or {}}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(directory, CHECKPOINT_DIR),
+                      {"params": jax.tree.map(np.asarray, params)})
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} is not an mmjax model directory (no {CONFIG_FILE})")
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("format") != FORMAT:
+        raise ConversionError(f"{path}: unknown format {config.get('format')!r}, expected {FORMAT!r}")
+    return config
+
+
+def load(directory: str, *, image_size: int | tuple[int, int] | None = None,
+         **overrides: Any) -> tuple[nn.Module, dict]:
+    """(model, variables) from a model directory, ready for `model.apply(variables, ...)`.
+
+    overrides: model fields, e.g. scan=True (layers stacked for nn.scan), dtype=jnp.bfloat16,
+    attention_impl="cudnn". image_size: run at another resolution; learned position
+    embeddings are resampled (bicubic with antialiasing, timm's `resample_abs_pos_embed`).
+    """
+    model, flat = load_arrays(directory, image_size=image_size, **overrides)
+    return model, {"params": unflatten({p: jnp.asarray(v) for p, v in flat.items()})}
+
+
+def load_arrays(directory: str, *, image_size: int | tuple[int, int] | None = None,
+                **overrides: Any) -> tuple[nn.Module, dict[str, np.ndarray]]:
+    """`load` with the parameters as flat host arrays (path -> np.ndarray), checked against the model."""
+    config = read_config(directory)
+    cls = _model_class(config["class"])
+    fields = with_overrides(cls, config["fields"], overrides)
+    inputs = [dict(s) for s in config["inputs"]]
+    if image_size is not None:
+        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        for spec in inputs:
+            if len(spec["shape"]) == 4:     # NHWC images
+                spec["shape"] = [spec["shape"][0], *hw, spec["shape"][3]]
+    model = cls(**_as_tuples(fields))
+    expected = abstract_params(model, inputs)
+
+    checkpointer = ocp.StandardCheckpointer()
+    stored = flatten(checkpointer.restore(os.path.abspath(os.path.join(directory, CHECKPOINT_DIR)))["params"])
+    checkpointer.close()
+    scanned = any("/layers/" in f"/{p}" for p in expected)
+    stored = stack_layers(stored) if scanned else unstack_layers(stored)
+    image_hw = next((s["shape"][1:3] for s in inputs if len(s["shape"]) == 4), None)
+    stored = _resample_posembs(stored, expected, image_hw)
+
+    problems = [f"missing {p} {tuple(expected[p].shape)}" for p in expected if p not in stored]
+    problems += [f"unexpected {p} {np.shape(v)}" for p, v in stored.items() if p not in expected]
+    problems += [f"mis-shaped {p}: stored {np.shape(v)}, model needs {tuple(expected[p].shape)}"
+                 for p, v in stored.items() if p in expected and np.shape(v) != tuple(expected[p].shape)]
+    if problems:
+        raise ConversionError(f"{directory} does not fit {cls.__name__}({overrides}):\n  " + "\n  ".join(problems))
+    return model, {p: np.asarray(v, expected[p].dtype) for p, v in stored.items()}
+
+
+def _resample_posembs(flat: dict, expected: dict, image_hw: Sequence[int] | None) -> dict:
+    """Resizes learned `posemb/pos_embedding` grids whose length differs from the model's.
+
+    A sibling `cls` parameter marks one prefix token (kept as is); the new grid follows the
+    image aspect ratio.
+    """
+    out = dict(flat)
+    for path, target in expected.items():
+        value = flat.get(path)
+        if (not path.endswith("posemb/pos_embedding") or value is None or value.shape == target.shape
+                or value.ndim != 3 or value.shape[2] != target.shape[2] or image_hw is None):
+            continue
+        parent = path[:-len("posemb/pos_embedding")]
+        prefix = 1 if f"{parent}cls" in flat else 0
+        tokens = target.shape[1] - prefix
+        rows = round(math.sqrt(tokens * image_hw[0] / image_hw[1]))
+        if rows * (tokens // max(rows, 1)) != tokens:
+            continue                    # left for the shape check to report
+        out[path] = np.asarray(layers.resample_posemb(jnp.asarray(value), (rows, tokens // rows), prefix,
+                                                      method="bicubic"))
+    return out

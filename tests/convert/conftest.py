@@ -1,0 +1,49 @@
+"""Shared helpers for the conversion tests: random reference weights, inputs, in-process CLI."""
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def randomize():
+    """Moves a torch model's 1-D parameters (norm scales/biases, linear biases, class tokens)
+    away from their 1/0 init, so that a mis-mapped or missing parameter cannot hide."""
+    import torch
+
+    def fn(model, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim <= 1 or p.shape[:-1] == (1, 1):
+                    p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        return model.eval()
+    return fn
+
+
+@pytest.fixture(scope="session")
+def images():
+    def fn(n=2, size=224, seed=0):
+        return np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)
+    return fn
+
+
+@pytest.fixture(scope="session")
+def convert():
+    """mmjax-convert, run in-process (the same entry point as the console script)."""
+    from mmjax.convert import cli
+
+    def fn(*args):
+        cli.main([str(a) for a in args])
+    return fn
+
+
+def max_abs_diff(got, want, label):
+    diff = float(np.abs(np.asarray(got) - np.asarray(want)).max())
+    print(f"{label}: max abs diff {diff:.3g} (max |x| {np.abs(np.asarray(want)).max():.3g})")
+    assert np.abs(np.asarray(want)).max() > 0.1       # a non-trivial output
+    return diff
+
+
+@pytest.fixture(scope="session")
+def diff():
+    return max_abs_diff

@@ -1,0 +1,244 @@
+"""timm ViT <-> mmjax: logit parity at the real vit_base_patch16_224 size (converted through the
+CLI from .safetensors), an exact round trip that timm loads with strict=True, scanned layouts,
+position-embedding resampling against timm's, the model-name table, and bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+import mmjax
+from mmjax.convert import api, engine, vit
+from mmjax.convert.engine import ConversionError
+
+NAME = "vit_base_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, randomize, images, convert):
+    """A random timm ViT-B/16, its logits, and its conversion by the CLI."""
+    tmp = tmp_path_factory.mktemp("timm")
+    torch.manual_seed(0)
+    ref = randomize(timm.create_model(NAME, pretrained=False))
+    with torch.no_grad():
+        ref.head.weight.normal_(0.0, 0.05)
+    x = images(2)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"))
+    convert("--source", "timm", "--model", NAME, "--checkpoint", tmp / "model.safetensors", "--output", tmp / "mm")
+    model, variables = mmjax.load(str(tmp / "mm"))
+    got = np.asarray(jax.jit(model.apply)(variables, x))
+    return {"tmp": tmp, "state": state, "pos_embed": ref.pos_embed.detach(), "x": x, "want": want, "got": got,
+            "variables": variables}
+
+
+def test_logits_match_timm(base, diff):
+    d = diff(base["got"], base["want"], f"timm {NAME} vs mmjax (converted by mmjax-convert) logits")
+    assert d <= 1e-4
+
+
+def test_round_trip_is_exact(base, convert):
+    """mmjax -> timm (loads with strict=True, equals the original) -> mmjax (equals the first)."""
+    tmp = base["tmp"]
+    convert("--to", "timm", "--input", tmp / "mm", "--output", tmp / "back.safetensors")
+    with torch.device("meta"):
+        fresh = timm.create_model(NAME, pretrained=False)
+    fresh.load_state_dict(load_file(str(tmp / "back.safetensors")), strict=True, assign=True)
+    restored = fresh.state_dict()
+    assert set(restored) == set(base["state"])
+    for k, v in base["state"].items():
+        assert torch.equal(restored[k], v), k
+    plan, state = api.plan_import("timm", str(tmp / "back.safetensors"), NAME)
+    again = engine.to_mmjax(state, plan.table, engine.flatten(base["variables"]["params"]))
+    for path, value in engine.flatten(base["variables"]["params"]).items():
+        np.testing.assert_array_equal(again[path], np.asarray(value), err_msg=path)
+
+
+def test_image_size_resamples_posemb_like_timm(base):
+    from timm.layers import resample_abs_pos_embed
+    model, variables = mmjax.load(str(base["tmp"] / "mm"), image_size=384)
+    got = np.asarray(variables["params"]["posemb"]["pos_embedding"])
+    want = resample_abs_pos_embed(base["pos_embed"], [24, 24], num_prefix_tokens=1).numpy()
+    assert got.shape == want.shape == (1, 1 + 24 * 24, 768)
+    d = float(np.abs(got - want).max())
+    print(f"posemb 224->384: mmjax vs timm resample_abs_pos_embed max abs diff {d:.3g}")
+    assert d <= 1e-5
+    shapes = jax.eval_shape(model.apply, variables, jax.ShapeDtypeStruct((1, 384, 384, 3), np.float32))
+    assert shapes.shape == (1, 1000)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, randomize, convert):
+    """A random timm ViT-Ti/16 as .safetensors and converted (cheap checks of layouts and sizes)."""
+    tmp = tmp_path_factory.mktemp("timm_tiny")
+    torch.manual_seed(1)
+    ref = randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False), seed=1)
+    save_file(ref.state_dict(), str(tmp / "ti.safetensors"))
+    convert("--source", "timm", "--model", "vit_tiny_patch16_224", "--checkpoint", tmp / "ti.safetensors",
+            "--output", tmp / "mm")
+    return {"tmp": tmp, "ref": ref}
+
+
+def test_other_image_size_end_to_end(tiny, images, diff):
+    """timm loading the 224 checkpoint at 160 px (checkpoint_filter_fn resamples; downsampling,
+    so antialiasing matters) == mmjax.load(image_size=160), here with scanned layers."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    at160 = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=160).eval()
+    at160.load_state_dict(checkpoint_filter_fn(tiny["ref"].state_dict(), at160), strict=True)
+    x = images(2, 160)
+    with torch.no_grad():
+        want = at160(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    model, variables = mmjax.load(str(tiny["tmp"] / "mm"), image_size=160, scan=True)
+    assert diff(jax.jit(model.apply)(variables, x), want, "timm vit_tiny at 160px vs mmjax image_size=160") <= 1e-4
+
+
+def test_scanned_layouts_load_both_ways(tiny, images, convert, diff):
+    """load(scan=True) stacks the layers (same logits as timm); a directory written with --scan
+    holds the same arrays and loads unscanned too."""
+    tmp = tiny["tmp"]
+    x = images(1, 224, seed=2)
+    with torch.no_grad():
+        want = tiny["ref"](torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    model, scanned = mmjax.load(str(tmp / "mm"), scan=True)
+    assert model.scan
+    assert scanned["params"]["encoder"]["layers"]["attn"]["query"]["kernel"].shape == (12, 192, 3, 64)
+    assert diff(jax.jit(model.apply)(scanned, x), want, "timm vit_tiny vs mmjax scan=True") <= 1e-4
+    convert("--source", "timm", "--model", "vit_tiny_patch16_224", "--checkpoint", tmp / "ti.safetensors",
+            "--output", tmp / "mm_scan", "--scan")
+    with open(tmp / "mm_scan" / "model_config.json") as f:
+        assert json.load(f)["fields"]["scan"] is True
+    _, stored_scanned = mmjax.load(str(tmp / "mm_scan"))
+    jax.tree.map(np.testing.assert_array_equal, stored_scanned, scanned)
+    _, unscanned = mmjax.load(str(tmp / "mm_scan"), scan=False)
+    _, original = mmjax.load(str(tmp / "mm"))
+    jax.tree.map(np.testing.assert_array_equal, unscanned, original)
+
+
+def test_existing_directory_needs_overwrite(tiny, convert, capsys):
+    args = ["--source", "timm", "--model", "vit_tiny_patch16_224", "--checkpoint", tiny["tmp"] / "ti.safetensors",
+            "--output", tiny["tmp"] / "mm"]
+    with pytest.raises(SystemExit):
+        convert(*args)
+    assert "already holds a model (pass overwrite=True / --overwrite)" in capsys.readouterr().err
+    convert(*args, "--overwrite")
+    _, variables = mmjax.load(str(tiny["tmp"] / "mm"))
+    np.testing.assert_array_equal(variables["params"]["cls"], tiny["ref"].cls_token.detach().numpy())
+
+
+# A spread of timm's registered names: every size, patch size, CLIP tower, QuickGELU, resolution.
+TIMM_NAMES = ["vit_tiny_patch16_224", "vit_small_patch32_384", "vit_base_patch8_224", "vit_base_patch16_384",
+              "vit_base_patch32_clip_256", "vit_base_patch16_clip_quickgelu_224", "vit_large_patch14_clip_336",
+              "vit_large_patch32_384", "vit_huge_patch14_224", "vit_huge_patch14_clip_quickgelu_378",
+              "vit_giant_patch14_clip_224", "vit_gigantic_patch14_224"]
+
+
+@pytest.mark.parametrize("name", TIMM_NAMES)
+def test_name_table_matches_timm(name):
+    with torch.device("meta"):
+        ref = timm.create_model(name, pretrained=False)
+    fields, size = vit.timm_architecture(name)
+    block = ref.blocks[0]
+    assert (fields["width"], fields["depth"], fields["num_heads"], fields["mlp_dim"]) == (
+        ref.embed_dim, len(ref.blocks), block.attn.num_heads, block.mlp.fc1.out_features)
+    assert (fields["patch_size"], size) == (ref.patch_embed.patch_size[0], ref.patch_embed.img_size[0])
+    assert fields["pre_norm"] == isinstance(ref.norm_pre, torch.nn.LayerNorm)
+    assert fields["patch_bias"] == (ref.patch_embed.proj.bias is not None)
+    assert fields["ln_eps"] == block.norm1.eps == ref.norm.eps
+    assert (fields["act"] == "quick_gelu") == ("QuickGELU" in type(block.mlp.act).__name__)
+    assert ref.global_pool == "token" and ref.cls_token is not None and fields["pool"] == "cls"
+
+
+def test_every_matching_timm_name_parses():
+    names = [n for n in timm.list_models("vit_*") if vit.TIMM_NAME.fullmatch(n)
+             and vit.TIMM_NAME.fullmatch(n)["size"] in vit.TIMM_SIZES]
+    assert len(names) >= 40
+    for name in names:
+        vit.timm_architecture(name)
+
+
+def test_wrong_architecture_is_listed(tmp_path, convert, capsys):
+    """A ViT-S/16 state dict given as vit_base_patch16_224: every mis-shaped key is named."""
+    with torch.device("meta"):
+        small = timm.create_model("vit_small_patch16_224", pretrained=False)
+        base = timm.create_model(NAME, pretrained=False)
+    differ = sum(small.state_dict()[k].shape != v.shape for k, v in base.state_dict().items())
+    save_file({k: torch.zeros(v.shape) for k, v in small.state_dict().items()}, str(tmp_path / "s.safetensors"))
+    with pytest.raises(SystemExit) as info:
+        convert("--source", "timm", "--model", NAME, "--checkpoint", tmp_path / "s.safetensors",
+                "--output", tmp_path / "out")
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "mmjax-convert: error: The timm checkpoint" in err and "does not fit the model" in err
+    assert "blocks.0.attn.qkv.weight: checkpoint has (1152, 384), the model needs (2304, 768)" in err
+    assert "blocks.11.mlp.fc2.weight: checkpoint has (384, 1536), the model needs (768, 3072)" in err
+    assert f"{differ} mis-shaped keys" in err             # all of them, not just the first
+    assert not (tmp_path / "out" / "model_config.json").exists()
+
+
+def test_missing_and_unexpected_keys(tmp_path):
+    with torch.device("meta"):
+        tiny = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    state = {k: torch.zeros(v.shape) for k, v in tiny.state_dict().items()}
+    del state["blocks.3.norm2.bias"]
+    state["blocks.3.attn.q_norm.weight"] = torch.zeros(64)
+    save_file(state, str(tmp_path / "t.safetensors"))
+    with pytest.raises(ConversionError) as info:
+        api.import_checkpoint("timm", str(tmp_path / "t.safetensors"), str(tmp_path / "out"), "vit_tiny_patch16_224")
+    message = str(info.value)
+    assert "1 unexpected keys" in message and "blocks.3.attn.q_norm.weight (64,): no rule" in message
+    assert "1 missing model parameters" in message and "encoder/layer_3/ln2/bias (192,)" in message
+
+
+def test_unknown_name_and_truncated_file(tmp_path, convert, capsys):
+    with torch.device("meta"):
+        tiny = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    save_file({k: torch.zeros(v.shape) for k, v in tiny.state_dict().items()}, str(tmp_path / "t.safetensors"))
+    for name in ("vit_bse_patch16_224", "resnet50", "vit_base_patch16_rope_reg1_gap_256"):
+        with pytest.raises(SystemExit):
+            convert("--source", "timm", "--model", name, "--checkpoint", tmp_path / "t.safetensors",
+                    "--output", tmp_path / "out")
+        assert f"Unknown or unsupported timm model '{name}'" in capsys.readouterr().err
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:len(data) - 1000])
+    with pytest.raises(SystemExit):
+        convert("--source", "timm", "--model", "vit_tiny_patch16_224", "--checkpoint", tmp_path / "cut.safetensors",
+                "--output", tmp_path / "out")
+    assert "truncated or not a safetensors file" in capsys.readouterr().err
+
+
+def test_cli_in_a_fresh_process_without_torch(tiny, tmp_path):
+    """The CLI in a fresh process: .safetensors in, model directory out, torch never imported."""
+    args = ["--source", "timm", "--model", "vit_tiny_patch16_224", "--checkpoint", str(tiny["tmp"] / "ti.safetensors"),
+            "--output", str(tmp_path / "mm")]
+    code = ("import sys; from mmjax.convert.cli import main; main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "load it with mmjax.load" in out.stdout
+    _, variables = mmjax.load(str(tmp_path / "mm"))
+    np.testing.assert_array_equal(variables["params"]["cls"], tiny["ref"].cls_token.detach().numpy())
+    # Bad input through the installed console script (else the module): exit status 1, one clear line.
+    script = [shutil.which("mmjax-convert")] if shutil.which("mmjax-convert") else [sys.executable, "-m",
+                                                                                      "mmjax.convert.cli"]
+    out = subprocess.run([*script, "--source", "timm", "--model", "vit_nope_224", "--checkpoint", "x.safetensors",
+                          "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 1 and "Unknown or unsupported timm model 'vit_nope_224'" in out.stderr
+
+
+def test_inexpressible_export_is_refused(base):
+    """A model with a ViT-only head (no timm equivalent) cannot be written for timm."""
+    with pytest.raises(ConversionError, match="representation_size"):
+        vit.timm_export({"fields": {"pool": "cls", "representation_size": 768}})
+    params = engine.flatten(jax.tree.map(np.asarray, base["variables"]["params"]))
+    params["pre_logits/kernel"] = np.zeros((768, 768), np.float32)
+    with pytest.raises(ConversionError, match="pre_logits/kernel"):
+        engine.to_torch(params, vit.TIMM_TABLE)
