@@ -7,7 +7,7 @@ held-out test split. Without the stem the ViT learns colour at once but shape sl
 zero-shot top-1 after 1500 steps, against 0.77 with it).
 
 Expected: zero-shot top-1 ≈ 0.89 (chance 1/24 ≈ 0.04), i2t / t2i R@1 ≈ 0.27 / 0.24, in about
-8 minutes on 2 CPU cores; see the README for measured numbers.
+7 minutes on 2 CPU cores; see the README for measured numbers.
   mmjax-train --config experiments/clip/shapes.py --workdir runs/clip
   mmjax-train --config experiments/clip/shapes.py:loss=siglip --workdir runs/siglip
 """
