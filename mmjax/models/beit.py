@@ -48,8 +48,7 @@ class BEiT(nn.Module):
     remat_policy: str = "none"
 
     def arch(self) -> dict:
-        fields = ("variant", "width", "depth", "mlp_dim", "num_heads", "patch_size")
-        return vit.ViT(**{k: getattr(self, k) for k in fields}, parent=None).arch()   # unbound: a resolver only
+        return vit.resolve_arch(self)
 
     @nn.compact
     def __call__(self, images: jax.Array, bool_masked_pos: jax.Array | None = None, *,

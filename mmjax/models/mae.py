@@ -84,8 +84,7 @@ class MAE(nn.Module):
     remat_policy: str = "none"
 
     def arch(self) -> dict:
-        fields = ("variant", "width", "depth", "mlp_dim", "num_heads", "patch_size")
-        return vit.ViT(**{k: getattr(self, k) for k in fields}, parent=None).arch()   # unbound: a resolver only
+        return vit.resolve_arch(self)
 
     def setup(self):
         if not 0.0 <= self.mask_ratio < 1.0:

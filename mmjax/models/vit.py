@@ -40,6 +40,24 @@ def parse_variant(variant: str) -> dict:
     return out
 
 
+ARCH_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "patch_size")
+
+
+def resolve_arch(module) -> dict:
+    """The architecture of a ViT-like module (ViT, BEiT, MAE encoder): its `variant`'s values with
+    explicit `ARCH_FIELDS` overriding them; the patch size as an (h, w) tuple."""
+    arch = parse_variant(module.variant) if module.variant else {}
+    for key in ARCH_FIELDS:
+        if getattr(module, key) is not None:
+            arch[key] = getattr(module, key)
+    missing = [k for k in ARCH_FIELDS if k not in arch]
+    if missing:
+        raise ValueError(f"{type(module).__name__} needs a variant or explicit {missing}")
+    patch = arch["patch_size"]
+    arch["patch_size"] = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return arch
+
+
 def check_images(images: jax.Array, channels: int, patch: tuple[int, int]) -> None:
     """Raises a clear error for inputs that are not NHWC float images divisible into patches."""
     if images.ndim != 4 or images.shape[-1] != channels:
@@ -120,17 +138,7 @@ class ViT(nn.Module):
     remat_policy: str = "none"
 
     def arch(self) -> dict:
-        """The resolved architecture: the variant's values with explicit fields overriding them."""
-        arch = parse_variant(self.variant) if self.variant else {}
-        for key in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
-            if getattr(self, key) is not None:
-                arch[key] = getattr(self, key)
-        missing = [k for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size") if k not in arch]
-        if missing:
-            raise ValueError(f"ViT needs a variant or explicit {missing}")
-        patch = arch["patch_size"]
-        arch["patch_size"] = (patch, patch) if isinstance(patch, int) else tuple(patch)
-        return arch
+        return resolve_arch(self)
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
