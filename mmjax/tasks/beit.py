@@ -33,7 +33,6 @@ import ml_collections
 import numpy as np
 
 from mmjax.data import masking
-from mmjax.losses import classification as cls_losses
 from mmjax.losses import masked_modeling
 from mmjax.models import beit, dvae
 from mmjax.tasks import base, classification
@@ -155,24 +154,14 @@ class BEiTTask(base.Task):
         return {"mim/loss": xent / max(count, 1.0), "mim/accuracy": correct / max(count, 1.0)}
 
 
-
 class BEiTClassificationTask(classification.ClassificationTask):
     """Image classification with `mmjax.models.beit.BEiT` (mean pooling), BEiT's fine-tuning.
 
     Same batches, losses and `evals.top1` as the ViT classification task; only the model differs.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict):
-        base.Task.__init__(self, config)
-        loss_cfg = config.get("loss", {})
-        self.loss_name = loss_cfg.get("name", "softmax_xent")
-        if self.loss_name not in cls_losses.LOSSES:
-            raise ValueError(f"Unknown classification loss {self.loss_name!r}; known: {sorted(cls_losses.LOSSES)}")
-        self.label_smoothing = float(loss_cfg.get("label_smoothing", 0.0))
-        self.model = beit.BEiT(**config.model.to_dict())
-        if self.model.num_classes is None:
-            raise ValueError("The beit_classification task needs model.num_classes")
-        self._logits = jax.jit(self.model.apply)
+    name = "beit_classification"
+    model_class = beit.BEiT
 
     def train_flops_per_example(self, batch_shapes):
         return None      # mmjax.flops counts ViT and CLIP only

@@ -17,6 +17,9 @@ from mmjax.tasks import base
 class ClassificationTask(base.Task):
     """Trains `mmjax.models.vit.ViT` on batches with "image" and integer "label"."""
 
+    name = "classification"
+    model_class: type = vit.ViT   # subclasses swap in another classifier with the same call
+
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
         loss_cfg = config.get("loss", {})
@@ -24,9 +27,9 @@ class ClassificationTask(base.Task):
         if self.loss_name not in cls_losses.LOSSES:
             raise ValueError(f"Unknown classification loss {self.loss_name!r}; known: {sorted(cls_losses.LOSSES)}")
         self.label_smoothing = float(loss_cfg.get("label_smoothing", 0.0))
-        self.model = vit.ViT(**config.model.to_dict())
+        self.model = self.model_class(**config.model.to_dict())
         if self.model.num_classes is None:
-            raise ValueError("The classification task needs model.num_classes")
+            raise ValueError(f"The {self.name} task needs model.num_classes")
         self._logits = jax.jit(self.model.apply)
 
     def init_variables(self, rng, batch):
