@@ -25,7 +25,8 @@ SECTIONS = ("speed", "flip", "scaling", "memory")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cpu", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="benchmarks/results/cpu.json", help="results JSON (a .md table is written next to it)")
+    p.add_argument("--out", default="benchmarks/results/cpu.json",
+                   help="results JSON (a .md table is written next to it)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     p.add_argument("--models", default="vit,clip", help="speed-section models: vit (ViT-B/16), clip (CLIP B/16)")
     p.add_argument("--batch", type=int, default=8, help="batch for the speed and FLIP sections")

@@ -107,8 +107,8 @@ def table(results: dict) -> str:
                      r["train"]["step_time_s"], r["flops"]["tflops"], r["flops"].get("mfu"),
                      r["flops"]["agreement"], r.get("ratio_vs_torch")])
     for r in results.get("torch", []):
-        rows.append([r["workload"] + f" ({r['model']}, PyTorch)", "PyTorch default", "none", r["train"]["examples_per_sec"],
-                     r["train"]["step_time_s"], None, None, None, 1.0])
+        rows.append([r["workload"] + f" ({r['model']}, PyTorch)", "PyTorch default", "none",
+                     r["train"]["examples_per_sec"], r["train"]["step_time_s"], None, None, None, 1.0])
     env = results["environment"]
     return f"# mmjax GPU benchmark ({env.get('device_kind')}, {env['date']})\n\n" + markdown_table(header, rows) + "\n"
 

@@ -70,7 +70,8 @@ def measure(w: Workload, preset: str) -> dict:
         step = train.make_train_step(task, tx, optax.constant_schedule(1e-4), jax.random.key(1))
         t = time.perf_counter()
         compiled = jax.jit(step, in_shardings=(state_shardings, batch_sharding),
-                           out_shardings=(state_shardings, replicated), donate_argnums=(0,)).lower(state, batch).compile()
+                           out_shardings=(state_shardings, replicated),
+                           donate_argnums=(0,)).lower(state, batch).compile()
         compile_s = time.perf_counter() - t
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     return {"workload": w.name, "preset": preset, "mesh": dict(mesh.shape), "params_millions": n_params / 1e6,
@@ -98,7 +99,8 @@ def main(argv=None) -> None:
     for w in workloads(args.smoke, args.batch):
         for preset in MESHES:
             rows.append(measure(w, preset))
-            print(f"{w.name} {preset}: params+opt {(rows[-1]['param_bytes_per_device'] + rows[-1]['optimizer_bytes_per_device']) / 2**20:.1f} MiB/device, "
+            state_bytes = rows[-1]['param_bytes_per_device'] + rows[-1]['optimizer_bytes_per_device']
+            print(f"{w.name} {preset}: params+opt {state_bytes / 2**20:.1f} MiB/device, "
                   f"compiled peak {rows[-1]['compiled'].get('peak_bytes', 0) / 2**20:.1f} MiB/device "
                   f"(compile {rows[-1]['compile_s']:.0f}s)", flush=True)
     with open(args.out, "w") as f:

@@ -41,8 +41,8 @@ def build_model(w: Workload):
     vision = {"B": {"layers": 12, "width": 768}, "L": {"layers": 24, "width": 1024}}[size]
     vision = dict(vision, head_width=64, patch_size=int(patch), image_size=w.image_size)
     t = CLIP_TEXT[size]
-    text = {"context_length": w.text_length, "vocab_size": t["vocab_size"], "width": t["width"], "heads": t["num_heads"],
-                "layers": t["depth"]}
+    text = {"context_length": w.text_length, "vocab_size": t["vocab_size"], "width": t["width"],
+            "heads": t["num_heads"], "layers": t["depth"]}
     return open_clip.CLIP(CLIP_EMBED[size], vision, text)
 
 

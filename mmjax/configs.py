@@ -199,7 +199,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 def _all_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     """All dotted paths (groups and leaves) in ``config``."""
     paths = []
-    for key in config.keys():
+    for key in config:
         path = f"{prefix}{key}"
         paths.append(path)
         value = config[key]
@@ -288,7 +288,7 @@ def apply_overrides(
         *parents, leaf = dotted.split(".")
         node = config
         for depth, key in enumerate(parents):
-            child = node[key] if key in node else None
+            child = node.get(key)
             if not isinstance(child, ml_collections.ConfigDict):
                 if key in node:
                     raise ConfigKeyError(

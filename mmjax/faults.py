@@ -31,22 +31,25 @@ def init_counters() -> dict[str, jax.Array]:
     return {"count": jnp.zeros((), jnp.int32), "first_step": jnp.zeros((), jnp.int32)}
 
 
-def guard_update(old_state: dict, new_state: dict, loss: jax.Array, grad_norm: jax.Array) -> dict:
-    """`new_state`, except that a non-finite loss or gradient keeps the old params/opt_state.
+def apply_if_finite(loss: jax.Array, grad_norm: jax.Array, update: Callable[..., Any], *args: Any) -> Any:
+    """`update(*args)` when the loss and gradient norm are finite, else `args[1:]` unchanged.
 
-    Runs inside the jitted step; `new_state["step"]` is the (1-based) number of this step.
+    Runs inside the jitted step, typically as `update(grads, params, opt_state)` returning
+    `(params, opt_state)`. A `lax.cond` rather than an elementwise select over old and new
+    state: the select kept both copies alive and raised the compiled peak (ViT-L/16 dp, bf16,
+    batch 64 on 8 devices: 6.99 GiB with the select, 6.14 GiB with the cond = no guard at all).
     """
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    return jax.lax.cond(finite, lambda a: update(*a), lambda a: tuple(a[1:]), args)
 
-    def keep(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
-    counters = old_state["nonfinite"]
-    first_bad = (counters["first_step"] == 0) & ~finite
-    return dict(new_state, params=keep(new_state["params"], old_state["params"]),
-                opt_state=keep(new_state["opt_state"], old_state["opt_state"]),
-                nonfinite={"count": counters["count"] + (~finite).astype(jnp.int32),
-                           "first_step": jnp.where(first_bad, new_state["step"], counters["first_step"])})
+def count_nonfinite(counters: dict[str, jax.Array], loss: jax.Array, grad_norm: jax.Array,
+                    step: jax.Array) -> dict[str, jax.Array]:
+    """Counters after `step` (1-based): one more if it was non-finite, its number if it was the first."""
+    bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    first_bad = (counters["first_step"] == 0) & bad
+    return {"count": counters["count"] + bad.astype(jnp.int32),
+            "first_step": jnp.where(first_bad, step, counters["first_step"])}
 
 
 class NonFiniteGuard:

@@ -30,6 +30,7 @@ from mmjax import (
     optim,
     sharding,
     tasks,
+    warm_start,
 )
 from mmjax import metrics as metrics_lib
 from mmjax.data import pipeline, sources
@@ -75,11 +76,17 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule
     def train_step(state, batch):
         step_rng = jax.random.fold_in(dropout_rng, state["step"])
         (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(state["params"], batch, step_rng)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
         grad_norm = optax.tree.norm(grads)
-        new_state = faults.guard_update(state, dict(state, step=state["step"] + 1, params=params,
-                                                     opt_state=opt_state), loss, grad_norm)
+
+        def apply_update(grads, params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        params, opt_state = faults.apply_if_finite(loss, grad_norm, apply_update, grads, state["params"],
+                                                   state["opt_state"])
+        step = state["step"] + 1
+        new_state = dict(state, step=step, params=params, opt_state=opt_state,
+                         nonfinite=faults.count_nonfinite(state["nonfinite"], loss, grad_norm, step))
         aux = dict(aux, loss=loss, grad_norm=grad_norm, lr=schedule(state["step"]),
                    nonfinite_steps=new_state["nonfinite"]["count"])
         return new_state, aux
@@ -124,6 +131,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                       for k, v in shapes_batch.items()}
         variables, var_shardings = sharding.init_sharded(task.init_variables, mesh, rules, init_rng, init_batch)
         params, param_shardings = variables["params"], var_shardings["params"]
+        ckpt_cfg = config.get("checkpoint", {})
+        ckpt = checkpoint.Checkpointer(workdir, ckpt_cfg.get("every_steps", 1000), ckpt_cfg.get("keep", 3))
+        if ckpt.latest_step() is None:  # config.init: a resumed run keeps its own parameters
+            params = warm_start.apply(config, params, param_shardings)
         tx, schedule = optim.build_optimizer(config.optimizer, config.schedule, steps, params)
         opt_shardings = optimizer_shardings(tx, params, param_shardings, replicated)
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
@@ -132,8 +143,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings,
                            "nonfinite": {"count": replicated, "first_step": replicated}}
 
-        ckpt_cfg = config.get("checkpoint", {})
-        ckpt = checkpoint.Checkpointer(workdir, ckpt_cfg.get("every_steps", 1000), ckpt_cfg.get("keep", 3))
         start, restored = ckpt.restore_latest(checkpoint.abstract_like(state, state_shardings), data_iter)
         if start is not None:
             state = restored
@@ -232,6 +241,7 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str, arg
     with config.unlocked():  # trainer options an experiment may leave out, still overridable
         if "nonfinite" not in config:
             config.nonfinite = faults.DEFAULT_MODE
+        config.init = warm_start.config_block(config.get("init"))  # every key, so each is overridable
     config = configs.apply_overrides(config, rest)
     return config, args.workdir, args
 

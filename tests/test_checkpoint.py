@@ -211,7 +211,8 @@ def test_keep_n_deletes_the_old_step_only_after_the_new_one_is_committed(tmp_pat
 
 
 def test_data_positions_of_several_processes():
-    one, other = {"kind": "json", "value": {"epoch": 0, "shard": 1}}, {"kind": "json", "value": {"epoch": 0, "shard": 2}}
+    one = {"kind": "json", "value": {"epoch": 0, "shard": 1}}
+    other = {"kind": "json", "value": {"epoch": 0, "shard": 2}}
     assert checkpoint._this_process_position({"per_process": [one]}) == one
     assert checkpoint._this_process_position({"per_process": [one, one]}) == one  # same for all
     with pytest.raises(ValueError, match="positions of 2 processes .*this run has 1"):

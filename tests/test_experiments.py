@@ -18,7 +18,8 @@ def test_experiments_found():
 def test_full_config_loads_and_documents_itself(path):
     config = configs.load_config(path)
     assert config.task in ("classification", "contrastive", "mae", "beit", "beit_classification")
-    source = open(path).read()
+    with open(path) as f:
+        source = f.read()
     assert source.lstrip().startswith('"""') and "mmjax-train --config" in source, \
         "recipes state the paper, expected result and command in the docstring"
 

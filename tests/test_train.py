@@ -9,6 +9,11 @@ import pytest
 from mmjax import configs, train
 
 
+def _metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def _load(spec: str, *overrides: str):
     return configs.apply_overrides(configs.load_config(spec), list(overrides))
 
@@ -20,14 +25,14 @@ def test_clip_smoke_run_writes_outputs_and_resumes(tmp_path):
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert steps[-1] == 4
-    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    lines = _metrics(workdir)
     losses = [r["loss"] for r in lines if "loss" in r]
     assert len(losses) == 2 and all(np.isfinite(losses))
 
     # Same command with a longer schedule: continues from step 4 instead of starting over.
     config = _load("experiments/clip/shapes.py:smoke=True", "--config.total_steps=6")
     train.train(config, workdir)
-    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    lines = _metrics(workdir)
     logged = [r["step"] for r in lines if "loss" in r]
     assert logged == [2, 4, 6], "the resumed run must start after the last checkpoint"
 

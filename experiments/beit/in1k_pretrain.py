@@ -11,8 +11,8 @@ cosine to 1e-5, 800 epochs.
 
 Differences from the reference: the tokenizer sees the 224-px crop resized to 112 px with
 Lanczos inside the step (BEiT resizes the same crop from the original image); colour jitter
-(0.4) and drop path (0.1) are not available in mmjax yet; BEiT's "rescale" init of the output
-projections is not applied.
+(0.4) is not available in mmjax yet. Drop path 0.1 (rising over the blocks) and BEiT's "rescale"
+init of the attention-output and fc2 kernels (÷ sqrt(2 · layer), the BEiT model's default) are on.
 
 Tokenizer weights: OpenAI's DALL-E encoder (`encoder.pkl`) converted into an mmjax model
 directory holding a `mmjax.models.dvae.DVAEEncoder` (mmjax-convert gains the dVAE table with the
@@ -46,7 +46,7 @@ def get_config(arg=None):
     steps_per_epoch = IN1K_TRAIN // BATCH
     c.total_steps = EPOCHS * steps_per_epoch
     c.model = dict(variant="B/16", vocab_size=8192, layer_scale=0.1, rel_pos="shared", abs_posemb=False,
-                   ln_eps=1e-6, dtype="bfloat16", scan=True, remat_policy="dots_no_batch")
+                   ln_eps=1e-6, dtype="bfloat16", scan=True, remat_policy="dots_no_batch", drop_path=0.1)
     mean, std = image_ops.NORMALIZE_PRESETS["imagenet"]
     c.tokenizer = dict(checkpoint=arg.tokenizer or None, image_size=112, pixel_mean=mean, pixel_std=std)
     c.masking = dict(num_masking_patches=75, min_num_patches=16, min_aspect=0.3)

@@ -12,12 +12,26 @@ big_vision's decoupled `wd=1e-4` is applied unscaled by lr. At lr 1e-3 it equals
 decays kernels and embeddings but not biases, norms, position embeddings or the class token
 (RECIPES.md §1b).
 
-NOT REPRODUCED: AugReg's augmentation. big_vision picks RandAugment plus mixup per size:
-Ti/16 and S/32 use none; S/16 uses light1 = randaug(2,0); B/32 and B/16 use light2 =
-randaug(2,10) + mixup p=0.2; L/16 uses medium2 = randaug(2,15) + mixup p=0.5. mmjax's pp ops have
-no `randaug` and its trainer has no mixup, so only Ti/16 and S/32 run the published recipe
-exactly. Larger variants train with inception crop + flip only and will land below the numbers
-below.
+Augmentation: big_vision picks RandAugment plus mixup per size: Ti/16 and S/32 use none; S/16
+uses light1 = randaug(2,0); B/32 and B/16 use light2 = randaug(2,10) + mixup p=0.2; L/16 uses
+medium2 = randaug(2,15) + mixup p=0.5.
+RandAugment is reproduced APPROXIMATELY (`RANDAUG`). big_vision's `randaug` is TF's
+`distort_image_with_randaugment` (tensorflow/tpu autoaugment.py), not timm's: it applies every
+chosen op (no 0.5 coin) at the fixed magnitude (no noise; 15 goes past timm's cap of 10), with
+the unsigned, weakening-with-magnitude Posterize/Solarize/enhance ranges, nearest-neighbour
+warps, grey fill and 100-pixel translations. So the `randaugment` op runs with prob=1,
+magnitude_std=0, magnitude_max=max(m, 10), increasing=False, fill=128, interpolation='nearest'
+and translate_pct=100/224. Still different: TF also draws Cutout (a grey square of side 8·m px)
+as a 16th op, which timm's op set lacks, so the other ops come up 1/15 instead of 1/16 of the
+time; TF's Contrast blends towards (pixel count / 256) rather than the mean grey, a quirk of its
+code; at m=15 TF's SolarizeAdd adds 165 where timm's caps at 128; warps may differ by a pixel
+(TF's and PIL's pixel-centre conventions). Magnitude 0 (light1) behaves as in TF: Posterize
+keeps 0 bits and Solarize inverts every pixel.
+Mixup IS reproduced (`c.mixup`): big_vision's `p` is the Beta concentration and every batch is
+mixed, without CutMix, so B/32 and B/16 use mixup_alpha=0.2 and L/16 mixup_alpha=0.5 with
+cutmix_alpha=0 and prob=1. big_vision pairs each example with its neighbour (roll by one), mmjax
+with the flipped batch (timm's pairing); for a shuffled batch each example's partner is equally
+random either way.
 
 Expected: after IN-1k fine-tuning at 384 px (20k steps; a separate recipe), B/16 reaches
 85.49% top-1 and L/16 85.59%, S/16 83.73%, Ti/16 78.22% [repo:google-research/vision_transformer
@@ -44,9 +58,23 @@ NUM_CLASSES = 21_843
 I21K_IMAGES = 14_197_122          # fall11 release; your prepared copy may differ slightly
 HOLDOUT = 51_200                  # big_vision: train_split = 'full[51200:]'
 BATCH = 4096
-# big_vision vit_i21k.py's per-variant augmentation setting (see the docstring: not implemented).
+# big_vision's mixup p (a Beta concentration) per variant; the others use no mixup.
+MIXUP_ALPHA = {"B/32": 0.2, "B/16": 0.2, "L/16": 0.5}
+# big_vision vit_i21k.py's per-variant augmentation setting (RandAugment below, mixup above).
 AUG_SETTING = {"Ti/16": "none", "S/32": "none", "S/16": "light1", "B/32": "light2",
                "B/16": "light2", "L/16": "medium2"}
+# big_vision's randaug(num_layers, magnitude) per setting; None: no RandAugment.
+RANDAUG = {"none": None, "light1": (2, 0), "light2": (2, 10), "medium2": (2, 15)}
+
+
+def _randaug_pp(setting):
+    """big_vision's randaug(n, m) as the `randaugment` pp op set to TF's semantics as far as they
+    go (see the docstring), with its trailing `|`; empty without RandAugment."""
+    if RANDAUG[setting] is None:
+        return ""
+    layers, magnitude = RANDAUG[setting]
+    return (f"randaugment({layers}, {magnitude}, magnitude_std=0.0, magnitude_max={max(magnitude, 10)}, "
+            f"increasing=False, prob=1.0, fill=128, interpolation='nearest', translate_pct={100 / 224})|")
 
 
 def get_config(arg=None):
@@ -66,11 +94,14 @@ def get_config(arg=None):
         dropout=0.0, dtype="bfloat16", scan=True, remat_policy="dots_no_batch",
     )
     c.loss = dict(name="sigmoid_xent")
+    if arg.variant in MIXUP_ALPHA:
+        c.mixup = dict(mixup_alpha=MIXUP_ALPHA[arg.variant], cutmix_alpha=0.0, switch_prob=0.5, prob=1.0)
     c.input = dict(
         data=dict(name="imagenet21k", split=f"full[{HOLDOUT}:]", data_dir=arg.data_dir),
         batch_size=BATCH,
         # big_vision: decode_jpeg_and_inception_crop(224)|flip_lr|<randaug per AUG_SETTING>|value_range(-1,1)
-        pp="decode|inception_crop(224)|flip_lr|value_range(-1,1)|keep('image','label')",
+        pp=f"decode|inception_crop(224)|flip_lr|{_randaug_pp(AUG_SETTING[arg.variant])}value_range(-1,1)"
+           "|keep('image','label')",
         worker_count=16,
     )
     # scale_by_adam (b1 0.9, b2 0.999, eps 1e-8) with mu in bf16, decoupled wd 1e-4 == 0.1 x lr.
@@ -94,7 +125,8 @@ def get_config(arg=None):
                        num_classes=24, dtype="float32")
         c.input.data = dict(name="mmjax_shapes", split="train")
         c.input.batch_size = 16
-        c.input.pp = "resize(32)|flip_lr|value_range(-1,1)|keep('image','label')"
+        c.input.pp = (f"resize(32)|flip_lr|{_randaug_pp(AUG_SETTING[arg.variant])}value_range(-1,1)"
+                      "|keep('image','label')")
         c.input.worker_count = 0
         c.schedule.warmup_steps = 1
         c.log_every_steps = 1

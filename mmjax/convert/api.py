@@ -6,6 +6,7 @@ import numpy as np
 
 from mmjax import pretrained
 from mmjax.convert import beit, clip, dvae, engine, io, mae, vit
+from mmjax.convert.export import Export, as_export
 
 SOURCES = ("timm", "open_clip", "hf", "dall_e")
 HF_ARCHITECTURES = {"ViTModel": vit.from_hf, "ViTForImageClassification": vit.from_hf, "CLIPModel": clip.from_hf,
@@ -13,13 +14,17 @@ HF_ARCHITECTURES = {"ViTModel": vit.from_hf, "ViTForImageClassification": vit.fr
                     "BeitForImageClassification": beit.from_hf, "FlavaImageCodebook": dvae.from_hf}
 HF_MODEL_TYPES = {"vit": "ViTModel", "clip": "CLIPModel", "vit_mae": "ViTMAEForPreTraining",
                   "flava_image_codebook": "FlavaImageCodebook"}
-# (mmjax model class, target library) -> function(model_config) -> (table, HF config.json or None)
+# (mmjax model class, target library) -> function(model_config) -> (table, HF config.json or None) or an
+# export.Export (when the target also stores fixed tensors or has no place for some parameters)
 EXPORTS = {
     (vit.VIT, "timm"): vit.timm_export,
     (vit.VIT, "hf"): vit.hf_export,
     (clip.CLIP, "open_clip"): clip.open_clip_export,
     (clip.CLIP, "hf"): clip.hf_export,
     (beit.BEIT, "timm"): beit.timm_export,
+    (beit.BEIT, "hf"): beit.hf_export,
+    (mae.MAE, "hf"): mae.hf_export,
+    (mae.MAE, "timm"): mae.timm_export,
     (dvae.ENCODER, "dall_e"): dvae.dall_e_export,
     (dvae.DECODER, "dall_e"): dvae.dall_e_export,
 }
@@ -68,19 +73,25 @@ def import_checkpoint(source: str, checkpoint: str, output: str, model: str | No
     return plan
 
 
-def export_checkpoint(target: str, directory: str, output: str) -> dict[str, np.ndarray]:
-    """Writes an mmjax model directory as a `target` state dict file (for hf: a model folder)."""
+def plan_export(target: str, directory: str) -> Export:
+    """How a model directory becomes a `target` checkpoint (with notes for the user); raises when
+    the target cannot express the model. Reads only model_config.json."""
     config = pretrained.read_config(directory)
     exporter = EXPORTS.get((config["class"], target))
     if exporter is None:
         known = sorted(t for c, t in EXPORTS if c == config["class"])
         raise engine.ConversionError(f"Cannot write {config['class']} as {target!r}; targets for it: {known}")
-    table, hf_config = exporter(config)
-    unscanned = {"scan": False} if "scan" in config["fields"] else {}     # the dVAE has no layer stack
+    return as_export(exporter(config))
+
+
+def export_checkpoint(target: str, directory: str, output: str) -> dict[str, np.ndarray]:
+    """Writes an mmjax model directory as a `target` state dict file (for hf: a model folder)."""
+    spec = plan_export(target, directory)
+    unscanned = {"scan": False} if "scan" in pretrained.read_config(directory)["fields"] else {}   # dVAE: no stack
     _, params = pretrained.load_arrays(directory, **unscanned)
-    state = engine.to_torch(params, table, what=f"{target} state dict")
+    state = spec.state_dict(params, what=f"{target} state dict")
     if target == "hf":
-        io.write_hf_folder(output, hf_config, state)
+        io.write_hf_folder(output, spec.hf_config, state)
     else:
         io.write_state_dict(output, state)
     return state

@@ -1,5 +1,6 @@
 """BEiT tables: timm `beit_*` / `beitv2_*` classifiers and Hugging Face
-`BeitForMaskedImageModeling` / `BeitForImageClassification` -> mmjax `BEiT`.
+`BeitForMaskedImageModeling` / `BeitForImageClassification` <-> mmjax `BEiT` (both directions;
+the mmjax head picks the transformers class: a visual-token head or a classifier).
 
 BEiT's key projection has no bias (timm stores `q_bias` / `v_bias` beside a fused qkv weight;
 transformers gives `k_proj` no bias). Relative position bias tables map as they are (mmjax
@@ -12,6 +13,7 @@ import re
 
 import numpy as np
 
+from mmjax import pretrained
 from mmjax.convert.engine import (
     HEADS_BIAS,
     HEADS_IN,
@@ -26,7 +28,7 @@ from mmjax.convert.engine import (
     norm,
     rule,
 )
-from mmjax.convert.vit import hf_activation
+from mmjax.convert.vit import hf_activation, hf_activation_name
 from mmjax.models import vit
 from mmjax.pretrained import input_spec
 
@@ -168,5 +170,47 @@ def from_hf(config: dict, state: dict[str, np.ndarray]) -> Plan:
                       use_mask_token="beit.embeddings.mask_token" in state)
         table = _hf_table("classifier", "beit.pooler.layernorm")
     size = get("image_size", 224)
-    return Plan(BEIT, fields, [input_spec((1, size, size, fields["in_channels"]))], table,
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    return Plan(BEIT, fields, [input_spec((1, *size, fields["in_channels"]))], table,
                 {"library": "hf", "architecture": arch, "config": config})
+
+
+def hf_export(config: dict) -> tuple[Table, dict]:
+    """BeitForMaskedImageModeling (a visual-token head) or BeitForImageClassification (a classifier):
+    the table and a config.json that describes the model."""
+    fields, source = config["fields"], config["source"]
+    module = pretrained.build(config["class"], fields)
+    arch = module.arch()
+    if module.vocab_size is not None:
+        name, table = "BeitForMaskedImageModeling", _hf_table("lm_head", "layernorm")
+        head = {"vocab_size": module.vocab_size}
+    elif module.num_classes:
+        name, table = "BeitForImageClassification", _hf_table("classifier", "beit.pooler.layernorm")
+        labels = (source.get("config") or {}).get("id2label") or {}
+        if len(labels) != module.num_classes:
+            labels = {str(i): f"LABEL_{i}" for i in range(module.num_classes)}
+        head = {"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}
+    else:
+        raise ConversionError("This BEiT cannot be written as a Hugging Face checkpoint: it has no head (set "
+                              "vocab_size for BeitForMaskedImageModeling or num_classes for "
+                              "BeitForImageClassification)")
+    patch = arch["patch_size"]
+    if patch[0] != patch[1]:
+        raise ConversionError(f"This BEiT cannot be written as a Hugging Face checkpoint: its patches are "
+                              f"{patch[0]}x{patch[1]}, and transformers' BEiT takes square patches only")
+    height, width = config["inputs"][0]["shape"][1:3]
+    use_mask_token = module.vocab_size is not None if module.use_mask_token is None else module.use_mask_token
+    generated = {
+        "architectures": [name], "model_type": "beit", "hidden_size": arch["width"],
+        "num_hidden_layers": arch["depth"], "num_attention_heads": arch["num_heads"],
+        "intermediate_size": arch["mlp_dim"], "hidden_act": hf_activation_name(module.act),
+        "layer_norm_eps": module.ln_eps, "image_size": height if height == width else [height, width],
+        "patch_size": patch[0], "num_channels": module.in_channels, "use_mask_token": use_mask_token,
+        "use_absolute_position_embeddings": module.abs_posemb,
+        "use_relative_position_bias": module.rel_pos == "layer",
+        "use_shared_relative_position_bias": module.rel_pos == "shared",
+        "layer_scale_init_value": module.layer_scale or 0.0, "use_mean_pooling": True,
+        "hidden_dropout_prob": module.dropout, "drop_path_rate": getattr(module, "drop_path", 0.0), **head}
+    # A transformers source keeps its other settings; the architecture is the model's.
+    base = source.get("config", {}) if source.get("library") == "hf" else {}
+    return table, {**{k: v for k, v in base.items() if k not in ("id2label", "label2id")}, **generated}

@@ -5,6 +5,7 @@
     mmjax-convert --source hf --checkpoint HF_MODEL_FOLDER --output DIR
     mmjax-convert --source dall_e --model encoder --checkpoint dall_e_encoder.pt --output DIR
     mmjax-convert --to timm --input DIR --output model.safetensors
+    mmjax-convert --to hf --input DIR --output HF_MODEL_FOLDER     (ViT, CLIP, MAE, BEiT)
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"to {args.output}; load it with mmjax.load({args.output!r})")
         else:
             state = api.export_checkpoint(args.to, args.input, args.output)
+            for note in api.plan_export(args.to, args.input).notes:
+                print(f"note: {note}")
             print(f"Wrote {len(state)} tensors for {args.to} to {args.output}")
     except (ValueError, OSError) as e:      # ConversionError is a ValueError
         print(f"mmjax-convert: error: {e}", file=sys.stderr)

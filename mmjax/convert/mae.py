@@ -1,16 +1,21 @@
-"""MAE table: Hugging Face `ViTMAEForPreTraining` -> mmjax `MAE` (encoder, decoder, pixel head).
+"""MAE tables: Hugging Face `ViTMAEForPreTraining` <-> mmjax `MAE` (encoder, decoder, pixel head),
+and MAE's encoder -> timm's `VisionTransformer` (the `vit_base_patch16_224.mae` layout).
 
 The fixed sin-cos position tables (`vit.embeddings.position_embeddings`,
-`decoder.decoder_pos_embed`) are read and dropped: mmjax recomputes the same table. Import
-only: writing a transformers folder would need those tables back (the engine writes parameters,
-not recomputed buffers). A timm MAE-pretrained encoder (`vit_base_patch16_224.mae`) is a plain
-timm ViT checkpoint and converts through the ViT table (see vit.py).
+`decoder.decoder_pos_embed`, timm's `pos_embed`) are not mmjax parameters: importing checks
+and drops them (mmjax recomputes the same table), exporting writes that table back. A timm
+MAE-pretrained encoder (`vit_base_patch16_224.mae`) is a plain timm ViT checkpoint and imports
+through the ViT table (see vit.py). timm has no MAE decoder, so `--to timm` writes the encoder
+and leaves the decoder out, saying so in a note.
 """
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
+from mmjax import pretrained
 from mmjax.convert.engine import (
     ConversionError,
     Plan,
@@ -24,11 +29,13 @@ from mmjax.convert.engine import (
     rule,
 )
 from mmjax.convert.engine import conv as conv_rules
-from mmjax.convert.vit import hf_activation
+from mmjax.convert.export import Export
+from mmjax.convert.vit import TIMM_TABLE, hf_activation, hf_activation_name
 from mmjax.models import layers
 from mmjax.pretrained import input_spec
 
 MAE = "mmjax.models.mae.MAE"
+ENCODER_POSEMB, DECODER_POSEMB = "vit.embeddings.position_embeddings", "decoder.decoder_pos_embed"
 
 
 def _legacy_block(old: str, dst: str) -> list[Rule]:
@@ -71,7 +78,13 @@ HF_TABLE = Table((
               "decoder/layer_{i}"),
     *norm("decoder.decoder_norm", "decoder_norm"),
     *linear("decoder.decoder_pred", "decoder_pred"),
-), ignore=(r"vit\.embeddings\.position_embeddings", r"decoder\.decoder_pos_embed", r".*position_ids"))
+), ignore=(re.escape(ENCODER_POSEMB), re.escape(DECODER_POSEMB), r".*position_ids"))
+
+
+def fixed_posemb(grid: tuple[int, int], width: int) -> np.ndarray:
+    """MAE's fixed table as PyTorch MAE stores it: (1, 1 + h*w, width), a zero row for [CLS] first."""
+    table = np.asarray(layers.sincos_2d(grid, width), np.float32)
+    return np.concatenate([np.zeros((1, 1, width), np.float32), table], axis=1)
 
 
 def _check_fixed_posemb(table: np.ndarray | None, key: str, grid: tuple[int, int], width: int) -> list[str]:
@@ -79,10 +92,11 @@ def _check_fixed_posemb(table: np.ndarray | None, key: str, grid: tuple[int, int
     leaves it zero in a model built from a config); anything else would be silently lost."""
     if table is None or not np.any(table):
         return [f"{key} is absent or zero in the checkpoint; mmjax uses the fixed sin-cos table"]
-    want = np.asarray(layers.sincos_2d(grid, width))[0]
-    if table.shape != (1, 1 + want.shape[0], width) or not np.allclose(table[0, 1:], want, atol=1e-4):
-        raise ConversionError(f"{key} {table.shape} is not the fixed 2-D sin-cos table that mmjax MAE uses "
-                              f"for a {grid[0]}x{grid[1]} grid; learned MAE position embeddings are not supported")
+    want = fixed_posemb(grid, width)
+    if table.shape != want.shape or not np.allclose(table, want, atol=1e-4):
+        raise ConversionError(f"{key} {table.shape} is not the fixed 2-D sin-cos table (with a zero [CLS] row) "
+                              f"that mmjax MAE uses for a {grid[0]}x{grid[1]} grid; learned MAE position "
+                              "embeddings are not supported")
     return []
 
 
@@ -102,8 +116,63 @@ def from_hf(config: dict, state: dict[str, np.ndarray]) -> Plan:
     patches = (size[0] // fields["patch_size"]) * (size[1] // fields["patch_size"])
     notes = [f"norm_pix_loss={get('norm_pix_loss', False)} in the source config: pass it to the MIM loss"]
     grid = (size[0] // fields["patch_size"], size[1] // fields["patch_size"])
-    for key, width in (("vit.embeddings.position_embeddings", fields["width"]),
-                       ("decoder.decoder_pos_embed", fields["decoder_width"])):
+    for key, width in ((ENCODER_POSEMB, fields["width"]), (DECODER_POSEMB, fields["decoder_width"])):
         notes += _check_fixed_posemb(state.get(key), key, grid, width)
     return Plan(MAE, fields, [input_spec((1, *size, fields["in_channels"])), input_spec((1, patches))],
                 HF_TABLE, {"library": "hf", "architecture": "ViTMAEForPreTraining", "config": config}, notes)
+
+
+def _arch(config: dict) -> tuple[dict, tuple[int, int], tuple[int, int]]:
+    """(encoder architecture, image (h, w), patch grid (h, w)) of an MAE model directory's config."""
+    arch = pretrained.build(config["class"], config["fields"]).arch()
+    image = tuple(config["inputs"][0]["shape"][1:3])
+    patch = arch["patch_size"]
+    return arch, image, (image[0] // patch[0], image[1] // patch[1])
+
+
+def hf_export(config: dict) -> Export:
+    """ViTMAEForPreTraining: the table, a config.json and the two fixed position tables."""
+    fields, source = config["fields"], config["source"]
+    arch, image, grid = _arch(config)
+    if image[0] != image[1]:
+        raise ConversionError(f"This MAE cannot be written as a Hugging Face ViTMAE checkpoint: its images are "
+                              f"{image[0]}x{image[1]}, and transformers' ViTMAE takes square images only")
+    decoder_width = fields.get("decoder_width", 512)
+    generated = {
+        "architectures": ["ViTMAEForPreTraining"], "model_type": "vit_mae",
+        "hidden_size": arch["width"], "num_hidden_layers": arch["depth"], "num_attention_heads": arch["num_heads"],
+        "intermediate_size": arch["mlp_dim"], "hidden_act": hf_activation_name(fields.get("act", "gelu")),
+        "layer_norm_eps": fields.get("ln_eps", 1e-6), "image_size": image[0], "patch_size": arch["patch_size"][0],
+        "num_channels": fields.get("in_channels", 3), "qkv_bias": True,
+        "decoder_hidden_size": decoder_width, "decoder_num_hidden_layers": fields.get("decoder_depth", 8),
+        "decoder_num_attention_heads": fields.get("decoder_heads", 16),
+        "decoder_intermediate_size": fields.get("decoder_mlp_dim", 2048), "mask_ratio": fields.get("mask_ratio", 0.75)}
+    # A transformers source keeps its other settings (norm_pix_loss, dropout, ...); the architecture is the model's.
+    hf_config = {**(source.get("config", {}) if source.get("library") == "hf" else {}), **generated}
+    hf_config.setdefault("norm_pix_loss", False)
+    note = (f"norm_pix_loss={hf_config['norm_pix_loss']} in config.json is a loss setting that the model "
+             "directory does not record: set it to the value used in training")
+    fixed = {ENCODER_POSEMB: fixed_posemb(grid, arch["width"]), DECODER_POSEMB: fixed_posemb(grid, decoder_width)}
+    return Export(HF_TABLE, hf_config, fixed=fixed, notes=(note,))
+
+
+DECODER_PATHS = (r"decoder.*", r"mask_token")       # decoder_embed, decoder/..., decoder_norm, decoder_pred
+
+
+def timm_export(config: dict) -> Export:
+    """MAE's encoder as a timm VisionTransformer without a head; the decoder is left out."""
+    fields = config["fields"]
+    arch, image, grid = _arch(config)
+    timm_model = (f"VisionTransformer(img_size={image if image[0] != image[1] else image[0]}, "
+                  f"patch_size={arch['patch_size'][0]}, embed_dim={arch['width']}, depth={arch['depth']}, "
+                  f"num_heads={arch['num_heads']}, mlp_ratio={arch['mlp_dim'] / arch['width']:g}, num_classes=0)")
+    notes = [(f"timm holds MAE's encoder only: the decoder (decoder_embed, mask_token, decoder, decoder_norm, "
+              f"decoder_pred) is not written. Load the file into timm's {timm_model}, e.g. "
+              "timm.create_model('vit_base_patch16_224', num_classes=0) for MAE ViT-B/16")]
+    if fields.get("act", "gelu") != "gelu":
+        notes.append(f"the model uses {fields['act']}; build the timm model with the same act_layer")
+    if fields.get("ln_eps", 1e-6) != 1e-6:
+        notes.append(f"the model's LayerNorm eps is {fields['ln_eps']:g}, timm's ViT uses 1e-6 (pass norm_layer "
+                     "to match exactly; the difference is tiny)")
+    return Export(TIMM_TABLE, None, drop=DECODER_PATHS, fixed={"pos_embed": fixed_posemb(grid, arch["width"])},
+                  notes=tuple(notes))

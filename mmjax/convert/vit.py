@@ -51,6 +51,7 @@ TIMM_TABLE = Table((
     *linear("blocks.{i}.mlp.fc2", "encoder/layer_{i}/mlp/fc2"),
     rule("blocks.{i}.ls2.gamma", "encoder/layer_{i}/ls2"),
     *norm("norm", "norm"),
+    *norm("fc_norm", "norm", export=False),     # global_pool="avg" (MAE fine-tuning): norm after pooling
     *linear("head", "head"),
 ))
 
@@ -74,6 +75,9 @@ def from_timm(name: str, state: dict[str, np.ndarray]) -> Plan:
     fields, size = timm_architecture(name)
     head = state.get("head.weight")
     fields["num_classes"] = int(head.shape[0]) if head is not None else None
+    if "fc_norm.weight" in state and "norm.weight" not in state:
+        # global_pool="avg" (MAE-style fine-tuning): patch tokens averaged, then normed
+        fields.update(pool="gap", class_token="cls_token" in state, fc_norm=True)
     return Plan(VIT, fields, [input_spec((1, size, size, 3))], TIMM_TABLE, {"library": "timm", "model": name})
 
 
@@ -128,6 +132,15 @@ def hf_activation(name: str) -> str:
     if name not in HF_ACTIVATIONS:
         raise ConversionError(f"Unsupported hidden_act {name!r}; supported: {sorted(HF_ACTIVATIONS)}")
     return HF_ACTIVATIONS[name]
+
+
+def hf_activation_name(act: str) -> str:
+    """The transformers `hidden_act` of an mmjax activation (the inverse of hf_activation)."""
+    names = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu",
+             "silu": "silu"}
+    if act not in names:
+        raise ConversionError(f"Activation {act!r} has no transformers hidden_act; supported: {sorted(names)}")
+    return names[act]
 
 
 def from_hf(config: dict, state: dict[str, np.ndarray]) -> Plan:

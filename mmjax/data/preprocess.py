@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mmjax import configs
-from mmjax.data import image_ops
+from mmjax.data import image_ops, randaugment, random_erasing
 
 Example = dict[str, Any]
 Op = Callable[[Example, np.random.Generator], Example]
@@ -36,7 +36,13 @@ _IMAGE_OPS: dict[str, tuple[Callable[..., np.ndarray], bool]] = {
     "value_range": (image_ops.value_range, False),
     "normalize": (image_ops.normalize, False),
 }
-KNOWN_OPS: list[str] = sorted([*_IMAGE_OPS, "tokenize", "rename", "keep"])
+# name -> class configured (and its arguments checked) once, when the pp string is built;
+# its instances map (image, rng) -> image.
+_IMAGE_TRANSFORMS: dict[str, Callable[..., Callable[[np.ndarray, np.random.Generator], Any]]] = {
+    "randaugment": randaugment.RandAugment,
+    "random_erasing": random_erasing.RandomErasing,
+}
+KNOWN_OPS: list[str] = sorted([*_IMAGE_OPS, *_IMAGE_TRANSFORMS, "tokenize", "rename", "keep"])
 
 
 def split_ops(pp: str) -> list[str]:
@@ -98,6 +104,8 @@ def build_op(name: str, args: tuple, kwargs: dict, tokenizer: Tokenizer | None =
     """Returns the op `name` configured with literal `args` / `kwargs`."""
     if name in _IMAGE_OPS:
         return _image_op(name, args, kwargs)
+    if name in _IMAGE_TRANSFORMS:
+        return _image_transform_op(name, args, kwargs)
     if name == "tokenize":
         return _call_factory(name, _tokenize_op, args, kwargs, tokenizer=tokenizer)
     if name == "rename":
@@ -138,6 +146,18 @@ def _image_op(name: str, args: tuple, kwargs: dict) -> Op:
         image = _get(name, example, key)
         extra = {"rng": rng} if random else {}
         example[key] = fn(image, *args, **kwargs, **extra)
+        return example
+
+    return op
+
+
+def _image_transform_op(name: str, args: tuple, kwargs: dict) -> Op:
+    kwargs = dict(kwargs)
+    key = kwargs.pop("key", "image")
+    transform = _call_factory(name, _IMAGE_TRANSFORMS[name], args, kwargs)
+
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        example[key] = transform(_get(name, example, key), rng)
         return example
 
     return op

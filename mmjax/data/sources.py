@@ -63,7 +63,7 @@ def class_names(data_config: DataConfig) -> list[str] | None:
     if _require(data_config, "name") in (FOLDER_NAME, WEBDATASET_NAME):
         return None
     features = _builder(data_config).info.features
-    label = features["label"] if "label" in features.keys() else None
+    label = features["label"] if "label" in features else None  # noqa: SIM401 - FeaturesDict
     if isinstance(label, tfds.features.ClassLabel):
         return list(label.names)
     return None

@@ -39,7 +39,10 @@ class BEiT(nn.Module):
     vocab_size: int | None = None
     num_classes: int | None = None
     head_init_scale: float = 1.0             # BEiT fine-tuning scales the head init by 0.001
+    rescale_init: bool = True                # BEiT's fix_init_weight: block l's attn-out and fc2
+                                             # kernels ÷ sqrt(2l) at init (moot for loaded weights)
     dropout: float = 0.0
+    drop_path: float = 0.0                   # stochastic depth of the last block (0.1 in BEiT-B)
     act: str = "gelu"
     ln_eps: float = 1e-6
     dtype: layers.Dtype = jnp.float32
@@ -94,6 +97,7 @@ class BEiT(nn.Module):
             act=self.act, ln_eps=self.ln_eps, layer_scale=self.layer_scale, key_bias=False,
             rel_pos_window=(h, w) if self.rel_pos == "layer" else None, dtype=self.dtype,
             attention_impl=self.attention_impl, scan=self.scan, remat_policy=self.remat_policy,
+            drop_path=self.drop_path, rescale_init=self.rescale_init,
             name="encoder")(x, None, bias, deterministic=not train)
 
         head_init = nn.initializers.truncated_normal(0.02 * self.head_init_scale)   # BEiT's init

@@ -87,7 +87,8 @@ class DVAEEncoder(nn.Module):
             map_pixels(images.astype(jnp.float32)).astype(self.dtype))
         for g, mult in enumerate(ENCODER_WIDTHS):
             for b in range(self.blocks_per_group):
-                x = Block(mult * self.n_hid, num_layers, (3, 3, 3, 1), self.dtype, name=f"group_{g + 1}_block_{b + 1}")(x)
+                x = Block(mult * self.n_hid, num_layers, (3, 3, 3, 1), self.dtype,
+                          name=f"group_{g + 1}_block_{b + 1}")(x)
             if g < GROUPS - 1:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
         logits = conv(self.vocab_size, 1, "output", jnp.float32, out_axis="vocab")(
@@ -140,7 +141,8 @@ class DVAEDecoder(nn.Module):
         x = TokenInput(self.n_init, self.vocab_size, name="input")(tokens).astype(self.dtype)
         for g, mult in enumerate(DECODER_WIDTHS):
             for b in range(self.blocks_per_group):
-                x = Block(mult * self.n_hid, num_layers, (1, 3, 3, 3), self.dtype, name=f"group_{g + 1}_block_{b + 1}")(x)
+                x = Block(mult * self.n_hid, num_layers, (1, 3, 3, 3), self.dtype,
+                          name=f"group_{g + 1}_block_{b + 1}")(x)
             if g < GROUPS - 1:
                 x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)      # nearest 2× upsampling
         stats = conv(2 * self.out_channels, 1, "output", jnp.float32, out_axis=None)(

@@ -37,7 +37,10 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, names)
 
 
-def dense_init(names: tuple[str | None, ...], init=nn.initializers.xavier_uniform()):
+_XAVIER = nn.initializers.xavier_uniform()
+
+
+def dense_init(names: tuple[str | None, ...], init=_XAVIER):
     return nn.with_logical_partitioning(init, names)
 
 
@@ -57,6 +60,30 @@ def causal_mask(length: int) -> jax.Array:
 def padding_mask(valid: jax.Array) -> jax.Array:
     """Key-padding mask (B, 1, 1, K) from a (B, K) boolean array of valid keys."""
     return valid.astype(bool)[:, None, None, :]
+
+
+def attention_heads_leading(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None = None,
+                            mask: jax.Array | None = None, causal: bool = False) -> jax.Array:
+    """softmax(q k^T / sqrt(d) + bias) v on (batch, len, heads, head_dim) arrays.
+
+    Same math as `jax.nn.dot_product_attention`'s XLA path (logits and softmax in float32,
+    masked logits at the dtype minimum), but the two attention matmuls run with (batch, heads)
+    as leading batch dimensions: XLA:CPU runs that layout much faster than the (batch, len,
+    heads) one (a ViT-B/16 attention block at batch 8 on 2 cores: 54 -> 39 ms).
+    """
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))      # (B, H, L, D)
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k, preferred_element_type=logits_dtype)
+    if bias is not None:
+        logits = logits + bias.astype(logits_dtype)
+    if causal:
+        keep = jnp.tril(jnp.ones(logits.shape[-2:], bool))   # query i sees keys 0..i, as jax's
+        mask = keep if mask is None else jnp.logical_and(mask, keep)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(logits_dtype).min)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
 
 
 class HeadsDense(nn.Module):
@@ -103,8 +130,8 @@ class Attention(nn.Module):
     """Multi-head attention: self, cross (pass `inputs_kv`), causal, with boolean masks.
 
     Separate q/k/v kernels shaped (embed, heads, head_dim) keep conversion from fused PyTorch
-    qkv weights a one-time split. `attention_impl` picks the `jax.nn.dot_product_attention`
-    backend ("xla" runs everywhere, "cudnn" is the fused GPU kernel).
+    qkv weights a one-time split. `attention_impl`: "xla" (runs everywhere; see
+    `attention_heads_leading`) or "cudnn" (the fused GPU kernel of `jax.nn.dot_product_attention`).
     """
 
     num_heads: int
@@ -137,10 +164,12 @@ class Attention(nn.Module):
         v = proj("value")(inputs_kv)
         names = ("act_batch", "act_len", "act_heads", "act_kv")
         q, k, v = (constrain(t, names) for t in (q, k, v))
-        bias = None if bias is None else bias.astype(q.dtype)
-        x = jax.nn.dot_product_attention(
-            q, k, v, bias=bias, mask=mask, is_causal=causal,
-            implementation=None if self.attention_impl == "xla" else self.attention_impl)
+        if self.attention_impl == "xla":
+            x = attention_heads_leading(q, k, v, bias=bias, mask=mask, causal=causal)
+        else:
+            bias = None if bias is None else bias.astype(q.dtype)
+            x = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal,
+                                             implementation=self.attention_impl)
         x = constrain(x, names)
         out = MergeHeadsDense(self.out_dim or width, self.use_bias, self.dtype, name="out")(x)
         return constrain(out, ("act_batch", "act_len", "act_emb"))

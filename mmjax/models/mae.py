@@ -75,6 +75,7 @@ class MAE(nn.Module):
     decoder_heads: int = DECODER["decoder_heads"]
     decoder_mlp_dim: int = DECODER["decoder_mlp_dim"]
     mask_ratio: float = 0.75
+    drop_path: float = 0.0          # encoder stochastic depth (MAE pretraining uses none)
     in_channels: int = 3
     ln_eps: float = 1e-6
     act: str = "gelu"
@@ -99,7 +100,7 @@ class MAE(nn.Module):
         stack = dict(act=self.act, ln_eps=self.ln_eps, dtype=self.dtype, attention_impl=self.attention_impl,
                      scan=self.scan, remat_policy=self.remat_policy)
         self.encoder = transformer.Encoder(depth=arch["depth"], num_heads=arch["num_heads"],
-                                           mlp_dim=arch["mlp_dim"], **stack)
+                                           mlp_dim=arch["mlp_dim"], drop_path=self.drop_path, **stack)
         self.norm = layers.LayerNorm(self.ln_eps)
         self.decoder_embed = nn.Dense(
             self.decoder_width, dtype=self.dtype, kernel_init=layers.dense_init(("embed", "mlp")),

@@ -127,6 +127,7 @@ class ViT(nn.Module):
     head_zero_init: bool = True
     head_bias_init: float = 0.0
     dropout: float = 0.0
+    drop_path: float = 0.0          # stochastic depth of the last block; 0 → 1st block (timm rule)
     patch_drop_ratio: float = 0.0   # FLIP: drop this share of patch tokens in training only
     act: str = "gelu"
     ln_eps: float = 1e-6
@@ -182,7 +183,8 @@ class ViT(nn.Module):
             depth=arch["depth"], num_heads=arch["num_heads"], mlp_dim=arch["mlp_dim"],
             dropout=self.dropout, act=self.act, ln_eps=self.ln_eps, layer_scale=self.layer_scale,
             qkv_bias=self.qkv_bias, dtype=self.dtype, attention_impl=self.attention_impl,
-            scan=self.scan, remat_policy=self.remat_policy, name="encoder")(x, deterministic=not train)
+            scan=self.scan, remat_policy=self.remat_policy, drop_path=self.drop_path,
+            name="encoder")(x, deterministic=not train)
         if not self.fc_norm:
             x = layers.LayerNorm(self.ln_eps, name="norm")(x)
         self.sow("intermediates", "encoded", x)

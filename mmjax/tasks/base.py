@@ -84,5 +84,5 @@ def run_over_split(eval_cfg: ml_collections.ConfigDict, mesh: Mesh, fn: Callable
                                        max_examples=eval_cfg.get("max_examples")):
         mask = np.asarray(batch.pop("mask"), bool)
         out = fetch(fn(put_global(batch, mesh)))
-        keep = lambda x: np.asarray(x)[mask]  # noqa: E731
+        keep = lambda x, mask=mask: np.asarray(x)[mask]
         yield jax.tree.map(keep, batch), jax.tree.map(keep, out)

@@ -1,4 +1,10 @@
-"""Supervised image classification with a ViT (the ViT / AugReg pretraining objective)."""
+"""Supervised image classification with a ViT (the ViT / AugReg pretraining objective).
+
+Optional `mixup` block (mmjax.data.mixing.Mixup fields, e.g. dict(mixup_alpha=0.8,
+cutmix_alpha=1.0, switch_prob=0.5, prob=1.0); absent = off): each training batch is mixed on
+device from the step rng, label smoothing is folded into the mixed targets, and `batch_top1`
+compares against the argmax of those targets.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import jax
 import ml_collections
 
 from mmjax import flops
+from mmjax.data import mixing
 from mmjax.evaluate import classification as cls_eval
 from mmjax.losses import classification as cls_losses
 from mmjax.models import vit
@@ -27,6 +34,8 @@ class ClassificationTask(base.Task):
         if self.loss_name not in cls_losses.LOSSES:
             raise ValueError(f"Unknown classification loss {self.loss_name!r}; known: {sorted(cls_losses.LOSSES)}")
         self.label_smoothing = float(loss_cfg.get("label_smoothing", 0.0))
+        mixup_cfg = config.get("mixup")
+        self.mixup = None if mixup_cfg is None else mixing.Mixup.from_config(mixup_cfg)
         self.model = self.model_class(**config.model.to_dict())
         if self.model.num_classes is None:
             raise ValueError(f"The {self.name} task needs model.num_classes")
@@ -36,12 +45,19 @@ class ClassificationTask(base.Task):
         return self.model.init({"params": rng}, batch["image"])
 
     def loss(self, params, batch, rng):
-        logits = self.model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+        images, labels, smoothing = batch["image"], batch["label"], self.label_smoothing
+        if self.mixup is not None:   # soft targets with the smoothing folded in, as timm's Mixup
+            rng, mix_rng = jax.random.split(rng)
+            fold = smoothing if self.loss_name == "softmax_xent" else 0.0
+            images, labels = mixing.mix_batch(mix_rng, images, labels, self.model.num_classes, self.mixup, fold)
+            smoothing = 0.0
+        logits = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
         if self.loss_name == "softmax_xent":
-            loss = cls_losses.softmax_xent(logits, batch["label"], self.label_smoothing)
+            loss = cls_losses.softmax_xent(logits, labels, smoothing)
         else:
-            loss = cls_losses.sigmoid_xent(logits, batch["label"])
-        accuracy = (logits.argmax(-1) == batch["label"]).mean()
+            loss = cls_losses.sigmoid_xent(logits, labels)
+        truth = labels if labels.ndim == logits.ndim - 1 else labels.argmax(-1)
+        accuracy = (logits.argmax(-1) == truth).mean()
         return loss, {"batch_top1": accuracy}
 
     def train_flops_per_example(self, batch_shapes):

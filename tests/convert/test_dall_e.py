@@ -140,4 +140,5 @@ def test_bad_input(tmp_path, convert, capsys):
     with pytest.raises(SystemExit):
         convert("--source", "dall_e", "--model", "decoder", "--checkpoint", tmp_path / "small.safetensors",
                 "--output", tmp_path / "out")
-    assert "Not a DALL-E dVAE decoder state dict: blocks.group_1.block_1.id_path.w is missing" in capsys.readouterr().err
+    expected = "Not a DALL-E dVAE decoder state dict: blocks.group_1.block_1.id_path.w is missing"
+    assert expected in capsys.readouterr().err

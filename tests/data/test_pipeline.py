@@ -37,7 +37,7 @@ def test_batch_shapes_and_dtypes(small_shapes):
     assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.float32
     assert batch["text"].shape == (16, 8) and batch["text"].dtype == np.int32
     assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
-    assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
 
 
 def test_epochs_cover_the_split_in_a_new_order(small_shapes):

@@ -48,7 +48,7 @@ def test_full_default_pipeline():
                tokenizer=fake_tokenizer)
     assert sorted(out) == ["image", "label", "text"]
     assert out["image"].shape == (32, 32, 3) and out["image"].dtype == np.float32
-    assert -1.0 <= out["image"].min() and out["image"].max() <= 1.0
+    assert out["image"].min() >= -1.0 and out["image"].max() <= 1.0
     assert out["text"].dtype == np.int32 and out["text"].tolist() == [1, 3, 6, 0, 0, 0]
 
 

@@ -83,7 +83,7 @@ def test_captions_are_varied():
 
 def test_vocab_is_complete():
     vocab = set(shapes.VOCAB)
-    assert shapes.VOCAB == sorted(vocab)
+    assert sorted(vocab) == shapes.VOCAB
     assert all(re.fullmatch(r"[a-z]+", w) for w in shapes.VOCAB)
     for i in range(3000):
         rng = np.random.default_rng((99, i))

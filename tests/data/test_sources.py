@@ -27,7 +27,7 @@ def _write_folder(tmp_path, lines=None):
             {"image": "c.png", "caption": "with alpha"},
         ]
     captions = tmp_path / "captions.jsonl"
-    captions.write_text("".join(json.dumps(l) + "\n" for l in lines) + "\n")
+    captions.write_text("".join(json.dumps(line) + "\n" for line in lines) + "\n")
     return {"name": "folder", "image_dir": str(image_dir), "captions": str(captions)}
 
 

@@ -12,7 +12,7 @@ import torch
 
 from mmjax.data import masking
 from mmjax.losses import masked_modeling
-from mmjax.models import beit, layers
+from mmjax.models import beit, layers, transformer
 
 # ---------------------------------------------------------------------------------------------
 # Copying reference weights (what the conversion tables will do).
@@ -243,3 +243,83 @@ def test_classification_parity_with_transformers_small():
     diff = np.abs(logits - expected).max()
     print(f"\nBEiT (small) classifier vs transformers BeitForImageClassification: max-abs-diff {diff:.2e}")
     assert diff < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# BEiT's rescaled init (`fix_init_weight`): block l's attention-output and fc2 kernels ÷ sqrt(2l)
+# ---------------------------------------------------------------------------------------------
+
+def _timm_rescale_factors(monkeypatch, depth):
+    """timm Beit's per-layer factors (attn.proj, mlp.fc2): its init over the same seed's init
+    without fix_init_weight."""
+    from timm.models import beit as timm_beit
+    kw = dict(img_size=16, patch_size=8, embed_dim=16, depth=depth, num_heads=2, num_classes=0)
+    torch.manual_seed(0)
+    fixed = timm_beit.Beit(**kw)
+    monkeypatch.setattr(timm_beit.Beit, "fix_init_weight", lambda self: None)
+    torch.manual_seed(0)
+    plain = timm_beit.Beit(**kw)
+
+    def ratio(a, b):
+        a, b = _t(a), _t(b)
+        return float((a * b).sum() / (b * b).sum())
+
+    return np.asarray([[ratio(f.attn.proj.weight, p.attn.proj.weight), ratio(f.mlp.fc2.weight, p.mlp.fc2.weight)]
+                       for f, p in zip(fixed.blocks, plain.blocks)])
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_rescale_init_follows_beit_rule_and_timm(monkeypatch, scan):
+    """The block stack's `rescale_init` (what BEiT turns on) against the rule and timm's Beit."""
+    depth = 3
+    timm_factors = _timm_rescale_factors(monkeypatch, depth)
+
+    def init_both(rng):
+        encoders = (transformer.Encoder(depth=depth, num_heads=2, mlp_dim=32, scan=scan, rescale_init=r)
+                    for r in (True, False))
+        return [encoder.init(rng, jnp.zeros((1, 5, 16)))["params"] for encoder in encoders]
+
+    # Scanned: one compilation for both inits halves the time of two eager ones; unrolled: eager is quicker.
+    boxed, plain = (jax.jit(init_both) if scan else init_both)(jax.random.key(0))
+    on, off = nn.meta.unbox(boxed), nn.meta.unbox(plain)
+    layer = (lambda p, i: jax.tree.map(lambda x: x[i], p["layers"])) if scan else (lambda p, i: p[f"layer_{i}"])
+    ours = []
+    for i in range(depth):
+        rule = 1 / np.sqrt(2 * (i + 1))
+        pair = []
+        for path in (("attn", "out", "kernel"), ("mlp", "fc2", "kernel")):
+            a, b = (np.asarray(layer(p, i)[path[0]][path[1]][path[2]]) for p in (on, off))
+            np.testing.assert_allclose(a, b * rule, rtol=1e-6, atol=1e-9)
+            pair.append(a.std() / b.std())
+        ours.append(pair)
+        print(f"\nlayer {i + 1}: std ratio (attn out, fc2) {pair[0]:.4f} {pair[1]:.4f}; "
+              f"timm {timm_factors[i, 0]:.4f} {timm_factors[i, 1]:.4f}; rule {rule:.4f}")
+    diff = np.abs(np.asarray(ours) - timm_factors).max()
+    kind = "scanned" if scan else "unrolled"
+    print(f"BEiT rescale factors vs timm fix_init_weight ({kind}): max-abs-diff {diff:.1e}")
+    assert diff < 1e-5
+    # Nothing else changes and the sharding metadata survives.
+    flat_on, flat_off = (jax.tree_util.tree_leaves_with_path(p) for p in (on, off))
+    changed = [tuple(k.key for k in path) for (path, a), (_, b) in zip(flat_on, flat_off) if not np.array_equal(a, b)]
+    assert len(changed) == (2 if scan else 2 * depth), changed
+    assert all(path[-3:] in transformer.RESIDUAL_OUT_KERNELS for path in changed), changed
+    out_kernel = boxed["layers" if scan else "layer_0"]["attn"]["out"]["kernel"]
+    assert isinstance(out_kernel, nn.LogicallyPartitioned)
+    assert out_kernel.names == (("layers",) if scan else ()) + ("heads", "kv", "embed")
+
+
+def test_beit_rescales_its_init_by_default():
+    """BEiT hands `rescale_init` (default on, as BEiT's from-scratch init) to its encoder.
+    Traced only (eval_shape): the rescaling itself is tested above."""
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, transformer.Encoder):
+            seen.append(context.module.rescale_init)
+        return next_fun(*args, **kwargs)
+
+    small = dict(width=16, depth=2, num_heads=2, mlp_dim=32, patch_size=8, num_classes=3)
+    with nn.intercept_methods(record):
+        for model in (beit.BEiT(**small), beit.BEiT(**small, rescale_init=False)):
+            jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    assert seen == [True, False]

@@ -37,7 +37,7 @@ def dvae_to_mmjax(state_dict) -> dict:
     """dall_e or FLAVA state dict → nested mmjax params; unmatched keys are an error."""
     params: dict = {}
     for key, value in state_dict.items():
-        for pattern, target in _PATTERNS:
+        for pattern, target in _PATTERNS:  # noqa: B007 - `target` is read after the loop breaks
             match = re.match(pattern, key)
             if match:
                 break

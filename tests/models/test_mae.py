@@ -263,9 +263,11 @@ def test_finetune_vit_matches_timm_mae_finetuning_model():
         qb, kb, vb = np.split(_t(sd[p + ".attn.qkv.bias"]), 3)
         attn = {n: {"kernel": w.T.reshape(32, 2, 16), "bias": b.reshape(2, 16)}
                 for n, w, b in (("query", q, qb), ("key", k, kb), ("value", v, vb))}
-        attn["out"] = {"kernel": _t(sd[p + ".attn.proj.weight"]).T.reshape(2, 16, 32), "bias": _t(sd[p + ".attn.proj.bias"])}
+        attn["out"] = {"kernel": _t(sd[p + ".attn.proj.weight"]).T.reshape(2, 16, 32),
+                       "bias": _t(sd[p + ".attn.proj.bias"])}
+        mlp = {"fc1": _dense(sd, p + ".mlp.fc1"), "fc2": _dense(sd, p + ".mlp.fc2")}
         params["encoder"][f"layer_{i}"] = {"ln1": _ln(sd, p + ".norm1"), "ln2": _ln(sd, p + ".norm2"), "attn": attn,
-                                           "mlp": {"fc1": _dense(sd, p + ".mlp.fc1"), "fc2": _dense(sd, p + ".mlp.fc2")}}
+                                           "mlp": mlp}
     images = _images((2, 32, 32, 3), seed=8)
     with torch.no_grad():
         expected = ref(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()

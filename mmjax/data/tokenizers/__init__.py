@@ -1,0 +1,76 @@
+"""Text tokenizers that turn captions into fixed-length int32 id arrays.
+
+Every tokenizer here shares one interface (see :class:`Tokenizer`): calling it
+on a string or a list of strings returns a numpy ``int32`` array of shape
+``(N, context_length)``, and it exposes ``vocab_size``, ``context_length`` and
+``eot_token_id``. Models pool text features at the end-of-text token, so each
+tokenizer says which id that is.
+
+* :class:`ClipTokenizer`: OpenAI CLIP's byte-level BPE, id-for-id identical to
+  ``open_clip.tokenize`` (needs ``ftfy`` and ``regex``).
+* :class:`HFTokenizer`: any Hugging Face ``tokenizer.json`` via ``tokenizers``.
+* :class:`WordTokenizer`: a tiny closed-vocabulary word tokenizer for the
+  embedded synthetic data set.
+
+Nothing here touches the network: vocabularies are read from local files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mmjax.data.tokenizers.base import Tokenizer
+from mmjax.data.tokenizers.clip_bpe import ClipTokenizer, default_clip_vocab_path
+from mmjax.data.tokenizers.hf import HFTokenizer
+from mmjax.data.tokenizers.words import WordTokenizer
+
+__all__ = ["ClipTokenizer", "HFTokenizer", "Tokenizer", "WordTokenizer", "build_tokenizer",
+           "default_clip_vocab_path"]
+
+
+def _build_clip(spec: Mapping[str, Any]) -> ClipTokenizer:
+    path = spec.get("vocab_path") or default_clip_vocab_path()
+    return ClipTokenizer(path, context_length=spec.get("context_length", 77))
+
+
+def _build_hf(spec: Mapping[str, Any]) -> HFTokenizer:
+    for key in ("path", "context_length"):
+        if key not in spec:
+            raise ValueError(f"tokenizer spec 'hf' needs {key!r}, got {dict(spec)}")
+    return HFTokenizer(spec["path"], spec["context_length"], spec.get("pad_token_id"),
+                       clean=spec.get("clean", False))
+
+
+def _build_shapes(spec: Mapping[str, Any]) -> WordTokenizer:
+    from mmjax.data import shapes  # lazy: only this tokenizer needs the data set
+
+    return WordTokenizer(shapes.VOCAB, context_length=spec.get("context_length", 16))
+
+
+# name -> (builder, keys the spec may hold besides "name")
+_BUILDERS = {
+    "clip": (_build_clip, {"vocab_path", "context_length"}),
+    "hf": (_build_hf, {"path", "context_length", "pad_token_id", "clean"}),
+    "shapes": (_build_shapes, {"context_length"}),
+}
+
+
+def build_tokenizer(spec: Mapping[str, Any]) -> Tokenizer:
+    """Builds a tokenizer from a config dict such as ``{"name": "clip", "context_length": 77}``.
+
+    Names: "clip" (vocab_path defaults to open_clip's bundled file),
+    "hf" (path, context_length, optional pad_token_id/clean) and "shapes"
+    (word tokenizer over ``mmjax.data.shapes.VOCAB``). Unknown keys are
+    rejected so that typos in configs fail loudly.
+    """
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"tokenizer spec must be a mapping, got {type(spec).__name__}")
+    name = spec.get("name")
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown tokenizer name {name!r}; known names: {sorted(_BUILDERS)}")
+    builder, allowed = _BUILDERS[name]
+    extra = set(spec) - allowed - {"name"}
+    if extra:
+        raise ValueError(f"tokenizer spec {name!r} got unknown keys {sorted(extra)}; allowed: {sorted(allowed)}")
+    return builder(spec)
