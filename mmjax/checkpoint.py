@@ -179,7 +179,7 @@ def load_train_state(path: str, step: int | None = None, *, params_only: bool = 
     `path` is a workdir, its `checkpoints/` directory, or one step directory. Without `step`
     the newest step that passes its manifest is read.
     """
-    step_dir = _resolve_step_dir(path, step)
+    step_dir = resolve_step_dir(path, step)
     item_dir = os.path.join(step_dir, "state")
     checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(item_dir).item_metadata.tree
@@ -251,7 +251,9 @@ def _crc32(path: str) -> int:
     return crc
 
 
-def _resolve_step_dir(path: str, step: int | None) -> str:
+def resolve_step_dir(path: str, step: int | None) -> str:
+    """The step directory of a workdir, its checkpoints/ folder or a step folder: `step`, or the
+    newest good one."""
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(os.path.join(path, "state")):
         return path

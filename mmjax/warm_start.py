@@ -168,7 +168,7 @@ def read_source(path: str, step: int | None = None) -> tuple[dict[str, np.ndarra
     if not run_like:
         raise FileNotFoundError(f"init.source {path!r} is neither a run's workdir (no checkpoints/) nor a "
                                 f"model directory (no {pretrained.CONFIG_FILE})")
-    step_dir = checkpoint._resolve_step_dir(path, step)  # the newest good step, or `step`
+    step_dir = checkpoint.resolve_step_dir(path, step)  # the newest good step, or `step`
     params = checkpoint.restore_params(step_dir)
     return unstack_layers(flatten(params)), f"{path} (step {os.path.basename(step_dir)})"
 

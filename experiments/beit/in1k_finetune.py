@@ -29,7 +29,7 @@ Table 1; not re-checked]; from the IN-22k-pretrained weights 83.7 [repo README, 
 
 import ml_collections
 
-from mmjax import configs
+from mmjax import configs, smoke
 
 IN1K_TRAIN = 1_281_167
 BATCH = 1024
@@ -69,16 +69,10 @@ def get_config(arg=None):
         pp="decode|resize_small(256, method='bicubic')|central_crop(224)|normalize('imagenet')|keep('image','label')",
         batch_size=1024, max_examples=None))
     if arg.smoke:   # a few steps of a tiny BEiT classifier on the embedded shapes data: runs in CI
-        c.total_steps = 3
+        smoke.short_run(c)
         c.model.update(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8, num_classes=24,
                        dtype="float32", remat_policy="none")
-        c.input.update(data=dict(name="mmjax_shapes", split="train"), batch_size=16, worker_count=0,
-                       pp="resize(32)|flip_lr|randaugment|normalize('imagenet')|random_erasing(0.25)"
-                          "|keep('image','label')")
-        c.schedule.warmup_steps = 1
-        c.log_every_steps = 1
-        c.checkpoint.every_steps = 2
-        c.evals.every_steps = 0
-        c.evals.top1.update(data=dict(name="mmjax_shapes", split="test"), batch_size=16, max_examples=16,
-                            pp="resize(32)|normalize('imagenet')|keep('image','label')")
+        smoke.shapes_input(c, "resize(32)|flip_lr|randaugment|normalize('imagenet')|random_erasing(0.25)"
+                              "|keep('image','label')")
+        smoke.shapes_eval(c.evals.top1, "resize(32)|normalize('imagenet')|keep('image','label')", 16)
     return c

@@ -10,9 +10,10 @@ eps 1e-8, lr 1.5e-3, weight decay 0.05, gradient clipping 3.0, batch 2048, 10 wa
 cosine to 1e-5, 800 epochs.
 
 Differences from the reference: the tokenizer sees the 224-px crop resized to 112 px with
-Lanczos inside the step (BEiT resizes the same crop from the original image); colour jitter
-(0.4) is not available in mmjax yet. Drop path 0.1 (rising over the blocks) and BEiT's "rescale"
-init of the attention-output and fc2 kernels (÷ sqrt(2 · layer), the BEiT model's default) are on.
+Lanczos inside the step (BEiT resizes the same crop from the original image). BEiT's colour
+jitter (0.4, 0.4, 0.4) is the `color_jitter` pp op, right after decoding as in BEiT. Drop path
+0.1 (rising over the blocks) and BEiT's "rescale" init of the attention-output and fc2 kernels
+(÷ sqrt(2 · layer), the BEiT model's default) are on.
 
 Tokenizer weights: OpenAI's DALL-E encoder (`encoder.pkl`) converted into an mmjax model
 directory holding a `mmjax.models.dvae.DVAEEncoder` (mmjax-convert gains the dVAE table with the
@@ -30,7 +31,7 @@ prepared locally in DATA_DIR (mmjax never downloads it).
 
 import ml_collections
 
-from mmjax import configs
+from mmjax import configs, smoke
 from mmjax.data import image_ops
 
 IN1K_TRAIN = 1_281_167
@@ -53,7 +54,8 @@ def get_config(arg=None):
     c.input = dict(
         data=dict(name="imagenet2012", split="train", data_dir=arg.data_dir),
         batch_size=BATCH,
-        pp="decode|inception_crop(224, area_min=0.08, method='bicubic')|flip_lr|normalize('imagenet')|keep('image')",
+        pp="decode|color_jitter(0.4, 0.4, 0.4)|inception_crop(224, area_min=0.08, method='bicubic')|flip_lr"
+           "|normalize('imagenet')|keep('image')",
         worker_count=16,
     )
     c.optimizer = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip_norm=3.0,
@@ -68,20 +70,11 @@ def get_config(arg=None):
         pp="decode|resize_small(256, method='bicubic')|central_crop(224)|normalize('imagenet')|keep('image')",
         batch_size=1024, max_examples=10_000, seed=0))
     if arg.smoke:   # a few steps of a tiny BEiT and dVAE (random weights) on the shapes data: runs in CI
-        c.total_steps = 3
+        smoke.short_run(c)
         c.model.update(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8, vocab_size=64,
                        dtype="float32", remat_policy="none")
-        c.tokenizer.update(checkpoint="random", image_size=32)
-        c.tokenizer.n_hid = 16
-        c.tokenizer.blocks_per_group = 1
-        c.tokenizer.vocab_size = 64
+        c.tokenizer.update(checkpoint="random", image_size=32, n_hid=16, blocks_per_group=1, vocab_size=64)
         c.masking.update(num_masking_patches=6, min_num_patches=2)
-        c.input.update(data=dict(name="mmjax_shapes", split="train"), batch_size=16, worker_count=0,
-                       pp="resize(32)|flip_lr|normalize('imagenet')|keep('image')")
-        c.schedule.warmup_steps = 1
-        c.log_every_steps = 1
-        c.checkpoint.every_steps = 2
-        c.evals.every_steps = 0
-        c.evals.mim.update(data=dict(name="mmjax_shapes", split="test"), batch_size=16, max_examples=16,
-                           pp="resize(32)|normalize('imagenet')|keep('image')")
+        smoke.shapes_input(c, "color_jitter(0.4, 0.4, 0.4)|resize(32)|flip_lr|normalize('imagenet')|keep('image')")
+        smoke.shapes_eval(c.evals.mim, "resize(32)|normalize('imagenet')|keep('image')", 16)
     return c

@@ -47,8 +47,7 @@ Prepare `imagenet2012` (split `validation`) with TFDS in array_record format in 
 
 import ml_collections
 
-from mmjax import configs
-from mmjax.data.shapes import ZERO_SHOT_TEMPLATES as SHAPES_TEMPLATES
+from mmjax import configs, smoke
 
 NUM_PAIRS = 400_000_000           # nominal LAION-400M; the copy you can still fetch is smaller
 BATCH = 33_792                    # 176 GPUs x 192
@@ -118,27 +117,5 @@ def get_config(arg=None):
             max_examples=None),
     )
     if arg.smoke:   # a few steps of a tiny CLIP on the embedded shapes data: runs in CI
-        c.total_steps = 3
-        c.num_epochs = None
-        tiny = dict(width=64, depth=2, num_heads=2, mlp_dim=256)
-        c.model.embed_dim = 32
-        c.model.image.update(patch_size=8, **tiny)
-        c.model.text.update(vocab_size=256, context_length=16, **tiny)
-        c.model.dtype = "float32"
-        c.input.data = dict(name="mmjax_shapes", split="train")
-        c.input.batch_size = 16
-        c.input.pp = ("resize(32)|normalize('clip')|tokenize(key='caption',out='text')"
-                      "|keep('image','text')")
-        c.input.tokenizer = dict(name="shapes", context_length=16)
-        c.input.worker_count = 0
-        c.schedule.warmup_steps = 1
-        c.log_every_steps = 1
-        c.checkpoint.every_steps = 2
-        c.evals.every_steps = 0
-        c.evals.zeroshot.data = dict(name="mmjax_shapes", split="test")
-        c.evals.zeroshot.pp = "resize(32)|normalize('clip')|keep('image','label')"
-        c.evals.zeroshot.batch_size = 32
-        c.evals.zeroshot.max_examples = 32
-        c.evals.zeroshot.templates = list(SHAPES_TEMPLATES)   # the shapes tokenizer's vocabulary
-        c.evals.zeroshot.class_names = None
+        smoke.tiny_clip(c, norm="clip")
     return c

@@ -36,8 +36,7 @@ Expected: zero-shot ImageNet-1k top-1 68.0% for ViT-B/16 after 12.8B examples of
 
 import ml_collections
 
-from mmjax import configs
-from mmjax.data.shapes import ZERO_SHOT_TEMPLATES as SHAPES_TEMPLATES
+from mmjax import configs, smoke
 
 IMAGENET_EPOCH = 1_281_167        # FLIP counts "virtual ImageNet epochs" of this many examples
 BATCH = 65_536
@@ -111,27 +110,7 @@ def get_config(arg=None):
             "pp": "decode|resize_small(224)|central_crop(224)|normalize('imagenet')|keep('image','label')",
             "batch_size": 1024, "templates": list(TEMPLATES), "class_names": class_names, "max_examples": None},
     }
-    if arg.smoke:   # a few steps of a tiny FLIP on the embedded shapes data: runs in CI
-        c.total_steps = 3
-        tiny = {"width": 64, "depth": 2, "num_heads": 2, "mlp_dim": 256}
-        c.model.embed_dim = 32
-        c.model.image.update(patch_size=8, **tiny)
-        c.model.text.update(vocab_size=256, context_length=16, **tiny)
-        c.model.dtype = "float32"
-        c.input.data = {"name": "mmjax_shapes", "split": "train"}
-        c.input.batch_size = 16
-        c.input.pp = ("resize(32)|flip_lr|normalize('imagenet')|tokenize(key='caption',out='text')"
-                      "|keep('image','text')")
-        c.input.tokenizer = {"name": "shapes", "context_length": 16}
+    if arg.smoke:   # a few steps of a tiny CLIP on the embedded shapes data: runs in CI
+        smoke.tiny_clip(c, norm="imagenet")
         c.schedule.lr = 1e-3
-        c.schedule.warmup_steps = 1
-        c.log_every_steps = 1
-        c.checkpoint.every_steps = 2
-        c.evals.every_steps = 0
-        c.evals.zeroshot.data = {"name": "mmjax_shapes", "split": "test"}
-        c.evals.zeroshot.pp = "resize(32)|normalize('imagenet')|keep('image','label')"
-        c.evals.zeroshot.batch_size = 32
-        c.evals.zeroshot.max_examples = 32
-        c.evals.zeroshot.templates = list(SHAPES_TEMPLATES)
-        c.evals.zeroshot.class_names = None
     return c

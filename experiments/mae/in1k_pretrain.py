@@ -22,7 +22,7 @@ locally in DATA_DIR (mmjax never downloads it).
 
 import ml_collections
 
-from mmjax import configs
+from mmjax import configs, smoke
 
 IN1K_TRAIN = 1_281_167
 BATCH = 4096
@@ -57,16 +57,10 @@ def get_config(arg=None):
         pp="decode|resize_small(256)|central_crop(224)|normalize('imagenet')|keep('image')",
         batch_size=1024, max_examples=10_000, seed=0))
     if arg.smoke:   # a few steps of a tiny MAE on the embedded shapes data: runs in CI
-        c.total_steps = 3
+        smoke.short_run(c)
         c.model.update(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
                        decoder_width=16, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=32,
                        dtype="float32", scan=True, remat_policy="none")
-        c.input.update(data=dict(name="mmjax_shapes", split="train"), batch_size=16, worker_count=0,
-                       pp="resize(32)|flip_lr|normalize('imagenet')|keep('image')")
-        c.schedule.warmup_steps = 1
-        c.log_every_steps = 1
-        c.checkpoint.every_steps = 2
-        c.evals.every_steps = 0
-        c.evals.recon.update(data=dict(name="mmjax_shapes", split="test"), batch_size=16, max_examples=16,
-                             pp="resize(32)|normalize('imagenet')|keep('image')")
+        smoke.shapes_input(c, "resize(32)|flip_lr|normalize('imagenet')|keep('image')")
+        smoke.shapes_eval(c.evals.recon, "resize(32)|normalize('imagenet')|keep('image')", 16)
     return c

@@ -31,7 +31,7 @@ features {'image', 'label'} and one split `full`, in DATA_DIR. As in big_vision,
 
 import ml_collections
 
-from mmjax import configs
+from mmjax import configs, smoke
 
 NUM_CLASSES = 21_843
 I21K_IMAGES = 14_197_122          # fall11 release; your prepared copy may differ slightly
@@ -77,20 +77,9 @@ def get_config(arg=None):
                   batch_size=1024, max_examples=None),
     )
     if arg.smoke:   # a few steps of a tiny ViT on the embedded shapes data: runs in CI
-        c.total_steps = 3
-        c.num_epochs = None
+        smoke.short_run(c)
         c.model.update(width=64, depth=2, num_heads=2, mlp_dim=256, patch_size=8,
                        representation_size=64, num_classes=24, dtype="float32")
-        c.input.data = dict(name="mmjax_shapes", split="train")
-        c.input.batch_size = 16
-        c.input.pp = "resize(32)|flip_lr|value_range(-1,1)|keep('image','label')"
-        c.input.worker_count = 0
-        c.schedule.warmup_steps = 1
-        c.log_every_steps = 1
-        c.checkpoint.every_steps = 2
-        c.evals.every_steps = 0
-        c.evals.top1.data = dict(name="mmjax_shapes", split="test")
-        c.evals.top1.pp = "resize(32)|value_range(-1,1)|keep('image','label')"
-        c.evals.top1.batch_size = 32
-        c.evals.top1.max_examples = 32
+        smoke.shapes_input(c, "resize(32)|flip_lr|value_range(-1,1)|keep('image','label')")
+        smoke.shapes_eval(c.evals.top1, "resize(32)|value_range(-1,1)|keep('image','label')")
     return c

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mmjax import configs
-from mmjax.data import image_ops, randaugment, random_erasing
+from mmjax.data import color_jitter, image_ops, randaugment, random_erasing
 
 Example = dict[str, Any]
 Op = Callable[[Example, np.random.Generator], Example]
@@ -39,6 +39,7 @@ _IMAGE_OPS: dict[str, tuple[Callable[..., np.ndarray], bool]] = {
 # name -> class configured (and its arguments checked) once, when the pp string is built;
 # its instances map (image, rng) -> image.
 _IMAGE_TRANSFORMS: dict[str, Callable[..., Callable[[np.ndarray, np.random.Generator], Any]]] = {
+    "color_jitter": color_jitter.ColorJitter,
     "randaugment": randaugment.RandAugment,
     "random_erasing": random_erasing.RandomErasing,
 }
