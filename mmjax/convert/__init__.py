@@ -15,7 +15,9 @@ Adding a family (MAE, BEiT, BLIP, an LLM, ...): write `convert/<family>.py` with
   1. a `Table` per source library;
   2. `from_<source>(name_or_config, state) -> Plan` choosing the mmjax class, its fields and
      example inputs (used to trace parameter shapes);
-  3. optionally `<target>_export(model_config) -> (table, hf_config_or_None)`;
+  3. optionally `<target>_export(model_config) -> (table, hf_config_or_None)`, or an
+     `export.Export` when the target leaves parameters out (timm holds no MAE decoder) or
+     stores tensors that mmjax recomputes (transformers' fixed sin-cos tables);
 then register them in `api.py` (SOURCES / HF_ARCHITECTURES / EXPORTS) and add a parity test
 against the reference implementation with random weights in tests/convert/.
 """

@@ -28,7 +28,7 @@ from mmjax.convert.engine import (
     require,
     rule,
 )
-from mmjax.convert.vit import hf_activation
+from mmjax.convert.vit import hf_activation, hf_activation_name
 from mmjax.pretrained import input_spec
 
 CLIP = "mmjax.models.clip.CLIP"
@@ -242,21 +242,20 @@ def hf_export(config: dict) -> tuple[Table, dict]:
     require(fields["image"], "Hugging Face CLIPModel (image tower)", pre_norm=True, patch_bias=False)
     if source.get("library") == "hf":
         return HF_CLIP_TABLE, source["config"]
-    acts = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu",
-            "silu": "silu"}
     image, text = fields["image"], fields["text"]
     patch = image["patch_size"]
     vision_config = {
         "model_type": "clip_vision_model", "hidden_size": image["width"], "intermediate_size": image["mlp_dim"],
         "num_hidden_layers": image["depth"], "num_attention_heads": image["num_heads"],
         "num_channels": image.get("in_channels", 3), "image_size": config["inputs"][0]["shape"][1],
-        "patch_size": patch if isinstance(patch, int) else patch[0], "hidden_act": acts[image.get("act", "gelu")],
+        "patch_size": patch if isinstance(patch, int) else patch[0],
+        "hidden_act": hf_activation_name(image.get("act", "gelu")),
         "layer_norm_eps": image.get("ln_eps", 1e-5), "projection_dim": fields["embed_dim"]}
     text_config = {
         "model_type": "clip_text_model", "vocab_size": text["vocab_size"], "hidden_size": text["width"],
         "intermediate_size": text.get("mlp_dim") or 4 * text["width"], "num_hidden_layers": text["depth"],
         "num_attention_heads": text["num_heads"], "max_position_embeddings": text["context_length"],
-        "hidden_act": acts[text.get("act", "gelu")], "layer_norm_eps": text.get("ln_eps", 1e-5),
+        "hidden_act": hf_activation_name(text.get("act", "gelu")), "layer_norm_eps": text.get("ln_eps", 1e-5),
         "eos_token_id": text["vocab_size"] - 1, "projection_dim": fields["embed_dim"]}
     return HF_CLIP_TABLE, {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": fields["embed_dim"],
                            "text_config": text_config, "vision_config": vision_config}

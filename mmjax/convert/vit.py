@@ -180,7 +180,7 @@ def hf_export(config: dict) -> tuple[Table, dict]:
     else:
         arch = vit.ViT(**{k: v for k, v in fields.items() if k in ("variant", "width", "depth", "mlp_dim",
                                                                      "num_heads", "patch_size")}).arch()
-        act = {v: k for k, v in HF_ACTIVATIONS.items() if k not in ("swish", "gelu_new")}[fields.get("act", "gelu")]
+        act = hf_activation_name(fields.get("act", "gelu"))
         classes = fields.get("num_classes")
         hf_config = {
             "architectures": ["ViTForImageClassification" if classes else "ViTModel"], "model_type": "vit",
