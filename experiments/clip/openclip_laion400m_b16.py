@@ -48,26 +48,14 @@ Prepare `imagenet2012` (split `validation`) with TFDS in array_record format in 
 import ml_collections
 
 from mmjax import configs, smoke
+from mmjax.evaluate import zeroshot
 
 NUM_PAIRS = 400_000_000           # nominal LAION-400M; the copy you can still fetch is smaller
 BATCH = 33_792                    # 176 GPUs x 192
 EPOCHS = 32
-# open_clip's SIMPLE_IMAGENET_TEMPLATES: 7 of CLIP's 80 ImageNet templates.
-TEMPLATES = (
-    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
-)
 # open_clip_train/main.py decays every weight except gains, biases and logit_scale; the class
 # token (1-D there, 3-D here) is excluded too. Position and token embeddings are decayed.
 WD_EXCLUDE = (r"logit_scale", r"norm|ln_|(^|/)scale$", r"bias", r"(^|/)cls$")
-
-
-def _read_class_names(path):
-    with open(path, encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip()]
-    if not names:
-        raise ValueError(f"class_names_file {path!r} has no names")
-    return names
 
 
 def get_config(arg=None):
@@ -106,14 +94,14 @@ def get_config(arg=None):
     c.sharding = "fsdp"                 # with fsdp=1 this is plain data parallelism; raise it to shard
     c.log_every_steps = 100
     c.checkpoint = dict(every_steps=5_000, keep=2)
-    class_names = _read_class_names(arg.class_names_file) if arg.class_names_file else None
+    class_names = zeroshot.read_class_names(arg.class_names_file) if arg.class_names_file else None
     c.evals = dict(
         every_steps=NUM_PAIRS // BATCH,  # once per epoch (open_clip: --zeroshot-frequency)
         zeroshot=dict(
             data=dict(name="imagenet2012", split="validation", data_dir=arg.data_dir),
             pp="decode|resize_small(224, method='bicubic')|central_crop(224)|normalize('clip')"
                "|keep('image','label')",
-            batch_size=1024, templates=list(TEMPLATES), class_names=class_names,
+            batch_size=1024, templates=list(zeroshot.SIMPLE_IMAGENET_TEMPLATES), class_names=class_names,
             max_examples=None),
     )
     if arg.smoke:   # a few steps of a tiny CLIP on the embedded shapes data: runs in CI

@@ -44,6 +44,7 @@ Data: nothing is downloaded. Put the training pairs in a folder with a captions 
 import ml_collections
 
 from mmjax import configs, smoke
+from mmjax.evaluate import zeroshot
 
 # variant: (embed_dim, text width, text heads, text depth, peak lr) [RECIPES.md §4; lr: paper].
 VARIANTS = {
@@ -54,23 +55,9 @@ VARIANTS = {
 NUM_PAIRS = 400_000_000           # WIT
 BATCH = 32_768
 EPOCHS = 32
-# The 7 templates chosen by forward selection over CLIP's 80 (OpenAI's prompt-engineering
-# notebook; open_clip's SIMPLE_IMAGENET_TEMPLATES).
-TEMPLATES = (
-    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
-)
 # Weight decay on every weight except gains (norm scales), biases, the temperature and the class
 # token, like open_clip_train/main.py; position and token embeddings are decayed.
 WD_EXCLUDE = (r"logit_scale", r"norm|ln_|(^|/)scale$", r"bias", r"(^|/)cls$")
-
-
-def _read_class_names(path):
-    with open(path, encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip()]
-    if not names:
-        raise ValueError(f"class_names_file {path!r} has no names")
-    return names
 
 
 def get_config(arg=None):
@@ -113,14 +100,14 @@ def get_config(arg=None):
     c.sharding = "fsdp"                 # with fsdp=1 this is plain data parallelism; raise it to shard
     c.log_every_steps = 100
     c.checkpoint = dict(every_steps=5_000, keep=2)
-    class_names = _read_class_names(arg.class_names_file) if arg.class_names_file else None
+    class_names = zeroshot.read_class_names(arg.class_names_file) if arg.class_names_file else None
     c.evals = dict(
         every_steps=NUM_PAIRS // BATCH,  # once per epoch
         zeroshot=dict(
             data=dict(name="imagenet2012", split="validation", data_dir=arg.data_dir),
             pp="decode|resize_small(224, method='bicubic')|central_crop(224)|normalize('clip')"
                "|keep('image','label')",
-            batch_size=1024, templates=list(TEMPLATES), class_names=class_names,
+            batch_size=1024, templates=list(zeroshot.SIMPLE_IMAGENET_TEMPLATES), class_names=class_names,
             max_examples=None),
     )
     if arg.smoke:   # a few steps of a tiny CLIP on the embedded shapes data: runs in CI

@@ -37,26 +37,14 @@ Expected: zero-shot ImageNet-1k top-1 68.0% for ViT-B/16 after 12.8B examples of
 import ml_collections
 
 from mmjax import configs, smoke
+from mmjax.evaluate import zeroshot
 
 IMAGENET_EPOCH = 1_281_167        # FLIP counts "virtual ImageNet epochs" of this many examples
 BATCH = 65_536
 BASE_LR = 4e-6                    # per 256 examples
 # name: (text width, text heads, embedding), from configs/cfg_flip_{base,large}.py / default.py
 TEXT = {"B": (512, 8, 512), "L": (768, 12, 768)}
-# 7 of CLIP's 80 ImageNet templates (open_clip's SIMPLE_IMAGENET_TEMPLATES).
-TEMPLATES = (
-    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
-)
 WD_EXCLUDE = (r"logit_scale", r"norm|ln_|(^|/)scale$", r"bias", r"pos_embedding")
-
-
-def _read_class_names(path):
-    with open(path, encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip()]
-    if not names:
-        raise ValueError(f"class_names_file {path!r} has no names")
-    return names
 
 
 def get_config(arg=None):
@@ -102,13 +90,14 @@ def get_config(arg=None):
         c.total_steps = 100 * IMAGENET_EPOCH // BATCH              # 1,954 steps
         c.schedule.update(lr=4e-8 * BATCH / 256, warmup_steps=20 * IMAGENET_EPOCH // BATCH)
     c.init = {"source": arg.unmasked_from, "preset": "same"}
-    class_names = _read_class_names(arg.class_names_file) if arg.class_names_file else None
+    class_names = zeroshot.read_class_names(arg.class_names_file) if arg.class_names_file else None
     c.evals = {
         "every_steps": 10_000,
         "zeroshot": {
             "data": {"name": "imagenet2012", "split": "validation", "data_dir": arg.data_dir},
             "pp": "decode|resize_small(224)|central_crop(224)|normalize('imagenet')|keep('image','label')",
-            "batch_size": 1024, "templates": list(TEMPLATES), "class_names": class_names, "max_examples": None},
+            "batch_size": 1024, "templates": list(zeroshot.SIMPLE_IMAGENET_TEMPLATES), "class_names": class_names,
+            "max_examples": None},
     }
     if arg.smoke:   # a few steps of a tiny CLIP on the embedded shapes data: runs in CI
         smoke.tiny_clip(c, norm="imagenet")

@@ -6,6 +6,23 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+# The 7 of CLIP's 80 ImageNet prompt templates chosen by forward selection (OpenAI's
+# prompt-engineering notebook; open_clip's SIMPLE_IMAGENET_TEMPLATES).
+SIMPLE_IMAGENET_TEMPLATES = (
+    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+)
+
+
+def read_class_names(path: str) -> list[str]:
+    """One class name per non-empty line of a UTF-8 file (e.g. CLIP's ImageNet class names,
+    since TFDS `imagenet2012` names its classes by WordNet id)."""
+    with open(path, encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip()]
+    if not names:
+        raise ValueError(f"class_names_file {path!r} has no names")
+    return names
+
 
 def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

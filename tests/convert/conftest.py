@@ -21,6 +21,22 @@ def randomize():
 
 
 @pytest.fixture(scope="session")
+def randomize_tables():
+    """BEiT's relative position bias tables start at zero in timm and transformers: make them
+    random, so that a mis-mapped table cannot hide."""
+    import torch
+
+    def fn(model, seed):
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "relative_position_bias_table" in name:
+                    p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+        return model
+    return fn
+
+
+@pytest.fixture(scope="session")
 def images():
     def fn(n=2, size=224, seed=0):
         return np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)

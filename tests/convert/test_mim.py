@@ -27,16 +27,6 @@ def _nchw(x):
     return torch.from_numpy(x.transpose(0, 3, 1, 2))
 
 
-def _randomize_tables(model, seed):
-    """Relative position bias tables start at zero in both libraries: make them random."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "relative_position_bias_table" in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
-    return model
-
-
 def _fill_mae_posembs(model):
     """transformers leaves ViTMAE's fixed sin-cos tables at zero when built from a config
     (checkpoints carry them): fill them with its own function, as its initialize_weights does."""
@@ -138,10 +128,10 @@ def test_timm_mae_encoder_converts_as_vit(tmp_path, randomize, images, convert, 
 # BEiT
 # ---------------------------------------------------------------------------------------------
 
-def test_beit_mim_matches_transformers(tmp_path, randomize, images, convert, diff):
+def test_beit_mim_matches_transformers(tmp_path, randomize, randomize_tables, images, convert, diff):
     torch.manual_seed(3)
     config = transformers.BeitConfig(use_mask_token=True, use_shared_relative_position_bias=True)   # B/16
-    ref = _randomize_tables(randomize(transformers.BeitForMaskedImageModeling(config), seed=3), seed=3)
+    ref = randomize_tables(randomize(transformers.BeitForMaskedImageModeling(config), seed=3), seed=3)
     x = images(1, seed=4)
     masked = np.random.default_rng(5).uniform(size=(1, 196)) < 0.4
     with torch.no_grad():
@@ -156,10 +146,10 @@ def test_beit_mim_matches_transformers(tmp_path, randomize, images, convert, dif
 
 
 @pytest.fixture(scope="module")
-def timm_beit(tmp_path_factory, randomize, images, convert):
+def timm_beit(tmp_path_factory, randomize, randomize_tables, images, convert):
     tmp = tmp_path_factory.mktemp("timm_beit")
     torch.manual_seed(4)
-    ref = _randomize_tables(randomize(timm.create_model("beit_base_patch16_224", pretrained=False), seed=4), seed=4)
+    ref = randomize_tables(randomize(timm.create_model("beit_base_patch16_224", pretrained=False), seed=4), seed=4)
     with torch.no_grad():
         ref.head.weight.normal_(0.0, 0.05)
     x = images(1, seed=6)
@@ -211,7 +201,7 @@ def test_beit_name_table_matches_timm(name):
     assert fields["ln_eps"] == block.norm1.eps
 
 
-def test_beit_classifier_in_both_key_spellings(tmp_path, randomize, images, convert, diff):
+def test_beit_classifier_in_both_key_spellings(tmp_path, randomize, randomize_tables, images, convert, diff):
     """A small BeitForImageClassification (absolute + per-layer relative positions): the folder
     save_pretrained writes (transformers 4.x key names, as on the Hub) and one holding the
     in-memory transformers 5 names give the same logits."""
@@ -219,7 +209,7 @@ def test_beit_classifier_in_both_key_spellings(tmp_path, randomize, images, conv
     config = transformers.BeitConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                                      image_size=32, patch_size=8, num_labels=7, use_relative_position_bias=True,
                                      use_absolute_position_embeddings=True)
-    ref = _randomize_tables(randomize(transformers.BeitForImageClassification(config), seed=5), seed=5)
+    ref = randomize_tables(randomize(transformers.BeitForImageClassification(config), seed=5), seed=5)
     ref.save_pretrained(str(tmp_path / "saved"))
     saved = io.read_state_dict(str(tmp_path / "saved" / "model.safetensors"))
     assert "beit.encoder.layer.1.attention.attention.relative_position_bias.relative_position_bias_table" in saved

@@ -52,16 +52,6 @@ def _fill_mae_posembs(model):
             param.copy_(torch.cat([table[..., half:], table[..., :half]], dim=-1)[None])
 
 
-def _randomize_tables(model, seed):
-    """Relative position bias tables start at zero: make them random."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "relative_position_bias_table" in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
-    return model
-
-
 def _load_strict(cls, folder):
     """The written folder: its config.json builds `cls`, its weights fill it with strict key checks
     (and from_pretrained agrees: nothing missing, unexpected or mis-shaped)."""
@@ -216,11 +206,11 @@ BEIT_HEADS = {
 
 
 @pytest.fixture(scope="module", params=sorted(BEIT_HEADS))
-def beit_hf(request, tmp_path_factory, randomize, convert):
+def beit_hf(request, tmp_path_factory, randomize, randomize_tables, convert):
     tmp = tmp_path_factory.mktemp(f"beit_{request.param}")
     cls, extra = BEIT_HEADS[request.param]
     torch.manual_seed(8)
-    ref = _randomize_tables(randomize(cls(transformers.BeitConfig(**SMALL, **extra)), seed=8), seed=8)
+    ref = randomize_tables(randomize(cls(transformers.BeitConfig(**SMALL, **extra)), seed=8), seed=8)
     if request.param == "classifier":
         with torch.no_grad():
             ref.classifier.weight.normal_(0.0, 0.1)

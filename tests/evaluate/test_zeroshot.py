@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mmjax.evaluate.zeroshot import class_embeddings, normalize, zeroshot_top1
+from mmjax.evaluate.zeroshot import class_embeddings, normalize, read_class_names, zeroshot_top1
 
 TEMPLATES = ["a photo of a {}.", "a drawing of the {}"]
 PROMPT_VECTORS = {
@@ -73,3 +73,13 @@ def test_bad_templates_raise(names, templates, match):
     with pytest.raises(ValueError, match=match):
         class_embeddings(encoder, names, templates)
     assert encoder.calls == []
+
+
+def test_read_class_names_skips_blank_lines_and_refuses_an_empty_file(tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text("tench\n\n  great white shark \ncafé\n", encoding="utf-8")
+    assert read_class_names(str(names)) == ["tench", "great white shark", "café"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="has no names"):
+        read_class_names(str(empty))
