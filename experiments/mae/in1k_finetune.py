@@ -33,6 +33,7 @@ Expected (from the MAE-pretrained encoder): IN-1k top-1 83.6 (B), 85.9 (L), 86.9
 import ml_collections
 
 from mmjax import configs, smoke
+from mmjax.data import presets
 
 IN1K_TRAIN = 1_281_167
 BATCH = 1024
@@ -61,9 +62,7 @@ def get_config(arg=None):
     c.input = dict(
         data=dict(name="imagenet2012", split="train", data_dir=arg.data_dir),
         batch_size=BATCH,
-        pp="decode|inception_crop(224, area_min=0.08, method='bicubic')|flip_lr"
-           "|randaugment(num_layers=2, magnitude=9, magnitude_std=0.5, increasing=True, fill='imagenet')"
-           "|normalize('imagenet')|random_erasing(0.25, mode='pixel', max_count=1)|keep('image','label')",
+        pp=presets.DEIT_TRAIN_PP,
         worker_count=16,
     )
     c.optimizer = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip_norm=None,
@@ -75,7 +74,7 @@ def get_config(arg=None):
     c.checkpoint = dict(every_steps=5_000, keep=2)
     c.evals = dict(every_steps=5_000, top1=dict(
         data=dict(name="imagenet2012", split="validation", data_dir=arg.data_dir),
-        pp="decode|resize_small(256, method='bicubic')|central_crop(224)|normalize('imagenet')|keep('image','label')",
+        pp=presets.DEIT_EVAL_PP,
         batch_size=1024, max_examples=None))
     if arg.smoke:   # a few steps of a tiny model on the embedded shapes data: runs in CI
         smoke.short_run(c)
