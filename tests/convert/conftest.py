@@ -53,6 +53,22 @@ def convert():
     return fn
 
 
+@pytest.fixture(scope="session")
+def reimport_equals():
+    """Checks that a written checkpoint converts back to exactly the mmjax parameters it came
+    from: fn(source, checkpoint, variables, model=None) -> the import plan."""
+    from mmjax.convert import api, engine
+
+    def fn(source, checkpoint, variables, model=None):
+        plan, state = api.plan_import(source, str(checkpoint), model)
+        flat = engine.flatten(variables["params"])
+        again = engine.to_mmjax(state, plan.table, flat)
+        for path, value in flat.items():
+            np.testing.assert_array_equal(again[path], np.asarray(value), err_msg=path)
+        return plan
+    return fn
+
+
 def max_abs_diff(got, want, label):
     diff = float(np.abs(np.asarray(got) - np.asarray(want)).max())
     print(f"{label}: max abs diff {diff:.3g} (max |x| {np.abs(np.asarray(want)).max():.3g})")

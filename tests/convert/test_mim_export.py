@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 import mmjax
 from mmjax import pretrained
-from mmjax.convert import api, engine, io
+from mmjax.convert import engine, io
 from mmjax.losses import masked_modeling
 from mmjax.models import mae
 
@@ -67,16 +67,6 @@ def _load_strict(cls, folder):
     return written, loaded.eval()
 
 
-def _reimport_equals(folder, variables):
-    """The written folder converts back to exactly the mmjax parameters it came from."""
-    plan, state = api.plan_import("hf", str(folder))
-    flat = engine.flatten(variables["params"])
-    again = engine.to_mmjax(state, plan.table, flat)
-    for path, value in flat.items():
-        np.testing.assert_array_equal(again[path], np.asarray(value), err_msg=path)
-    return plan
-
-
 def _random_params(model, inputs, seed):
     """Random mmjax parameters of the shapes the model creates (traced, not run): norm scales
     near 1, everything else (biases included) away from zero."""
@@ -112,7 +102,7 @@ def mae_hf(tmp_path_factory, randomize, images, convert):
             "variables": variables}
 
 
-def test_mae_hf_round_trip(mae_hf):
+def test_mae_hf_round_trip(mae_hf, reimport_equals):
     """Every parameter comes back exactly; the two fixed sin-cos tables, recomputed by mmjax,
     equal transformers' own to float rounding."""
     written, _ = _load_strict(transformers.ViTMAEForPreTraining, mae_hf["tmp"] / "back")
@@ -125,7 +115,7 @@ def test_mae_hf_round_trip(mae_hf):
             assert d <= 1e-6
         else:
             np.testing.assert_array_equal(written[k], v, err_msg=k)
-    plan = _reimport_equals(mae_hf["tmp"] / "back", mae_hf["variables"])
+    plan = reimport_equals("hf", mae_hf["tmp"] / "back", mae_hf["variables"])
     assert not any("absent or zero" in note for note in plan.notes)        # the tables were checked
 
 
@@ -160,7 +150,7 @@ def native_mae(tmp_path_factory, convert):
     return {"tmp": tmp, "model": model, "variables": variables}
 
 
-def test_native_mae_to_transformers(native_mae, images, convert, diff):
+def test_native_mae_to_transformers(native_mae, images, convert, diff, reimport_equals):
     """No source config: config.json is generated from the model's fields."""
     tmp = native_mae["tmp"]
     convert("--to", "hf", "--input", tmp / "mm", "--output", tmp / "hf")
@@ -172,7 +162,7 @@ def test_native_mae_to_transformers(native_mae, images, convert, diff):
     pred, out = jax.jit(native_mae["model"].apply)(native_mae["variables"], x, noise)
     np.testing.assert_array_equal(np.asarray(out["mask"]), want.mask.numpy())
     assert diff(pred, want.logits, "mmjax-trained MAE -> transformers ViTMAE reconstruction") <= 1e-4
-    _reimport_equals(tmp / "hf", native_mae["variables"])
+    reimport_equals("hf", tmp / "hf", native_mae["variables"])
 
 
 def test_native_mae_encoder_to_timm(native_mae, images, convert, diff, capsys):
@@ -222,12 +212,12 @@ def beit_hf(request, tmp_path_factory, randomize, randomize_tables, convert):
             "original": {k: v.numpy() for k, v in ref.state_dict().items()}}
 
 
-def test_beit_hf_round_trip_is_exact(beit_hf):
+def test_beit_hf_round_trip_is_exact(beit_hf, reimport_equals):
     written, _ = _load_strict(beit_hf["cls"], beit_hf["tmp"] / "back")
     assert set(written) == set(beit_hf["original"])
     for k, v in beit_hf["original"].items():
         np.testing.assert_array_equal(written[k], v, err_msg=k)
-    _reimport_equals(beit_hf["tmp"] / "back", beit_hf["variables"])
+    reimport_equals("hf", beit_hf["tmp"] / "back", beit_hf["variables"])
 
 
 def test_beit_hf_export_matches_mmjax(beit_hf, images, diff):

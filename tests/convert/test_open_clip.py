@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import mmjax
-from mmjax.convert import api, clip, engine
+from mmjax.convert import clip
 from mmjax.convert.engine import ConversionError
 
 NAME = "ViT-B-16"
@@ -61,7 +61,7 @@ def _tiny_open_clip(randomize, quick_gelu):
                                     text_cfg=open_clip.CLIPTextCfg(**TINY["text_cfg"])), seed=3)
 
 
-def test_round_trip_is_exact(tmp_path, randomize, convert):
+def test_round_trip_is_exact(tmp_path, randomize, convert, reimport_equals):
     """mmjax -> open_clip .pth (loads with strict=True, equals the original) -> mmjax (equal)."""
     ref = _tiny_open_clip(randomize, quick_gelu=False)
     (tmp_path / "tiny.json").write_text(json.dumps(TINY))
@@ -76,10 +76,7 @@ def test_round_trip_is_exact(tmp_path, randomize, convert):
     for k, v in ref.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
     _, variables = mmjax.load(str(tmp_path / "mm"))
-    plan, state = api.plan_import("open_clip", str(tmp_path / "back.pth"), str(tmp_path / "tiny.json"))
-    again = engine.to_mmjax(state, plan.table, engine.flatten(variables["params"]))
-    for path, value in engine.flatten(variables["params"]).items():
-        np.testing.assert_array_equal(again[path], np.asarray(value), err_msg=path)
+    reimport_equals("open_clip", tmp_path / "back.pth", variables, str(tmp_path / "tiny.json"))
 
 
 def test_image_size_override_resamples_the_image_tower(tmp_path, randomize, convert):
