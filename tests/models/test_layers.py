@@ -278,35 +278,65 @@ def test_learned_posemb_length_check():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("case", ["plain", "padding", "causal", "causal_cross", "bias"])
+@pytest.mark.parametrize("case", ["plain", "padding", "empty_row", "causal", "causal_cross", "bias",
+                                  "bias_and_mask"])
 def test_heads_leading_attention_matches_jax(case, dtype):
-    """The CPU-friendly attention core computes what jax.nn.dot_product_attention does, with
-    gradients, for every mask/bias combination the models use."""
+    """The CPU-friendly attention core (late normalisation, hand-written backward) computes what
+    jax.nn.dot_product_attention does, with gradients for q, k, v and the bias, for every
+    mask/bias combination the models use (incl. a query row with no allowed key)."""
     rng = np.random.default_rng(0)
     b, t, s, h, d = 2, 5, 7 if case == "causal_cross" else 5, 3, 8
     q = jnp.asarray(rng.normal(size=(b, t, h, d)), dtype)
     k, v = (jnp.asarray(rng.normal(size=(b, s, h, d)), dtype) for _ in range(2))
+    bias = jnp.asarray(rng.normal(size=(1, h, t, s)), dtype)
+    d_out = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
     kwargs = {}
-    if case == "padding":
+    if case in ("padding", "bias_and_mask"):
         kwargs["mask"] = layers.padding_mask(jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool))
+    if case == "empty_row":
+        kwargs["mask"] = jnp.asarray(rng.random((b, 1, t, s)) > 0.4).at[0, 0, 2].set(False)
     if case.startswith("causal"):
         kwargs["causal"] = True
-    if case == "bias":
-        kwargs["bias"] = jnp.asarray(rng.normal(size=(1, h, t, s)), dtype)
+    with_bias = case.startswith("bias")
 
-    ref_kwargs = {"is_causal": kwargs.get("causal", False), "mask": kwargs.get("mask"), "bias": kwargs.get("bias")}
+    def ours(q, k, v, bias):
+        return layers.attention_heads_leading(q, k, v, bias=bias if with_bias else None, **kwargs)
 
-    def ours(q, k, v):
-        return layers.attention_heads_leading(q, k, v, **kwargs)
+    def reference(q, k, v, bias):
+        return jax.nn.dot_product_attention(q, k, v, bias=bias if with_bias else None,
+                                            mask=kwargs.get("mask"), is_causal=kwargs.get("causal", False))
 
-    def reference(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, **ref_kwargs)
-
-    out, ref = ours(q, k, v), reference(q, k, v)
+    out, ref = ours(q, k, v, bias), reference(q, k, v, bias)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     assert out.shape == ref.shape and out.dtype == ref.dtype
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
-    total = lambda fn: lambda *a: fn(*a).astype(jnp.float32).sum()
-    grads, ref_grads = jax.grad(total(ours), (0, 1, 2))(q, k, v), jax.grad(total(reference), (0, 1, 2))(q, k, v)
+    loss = lambda fn: lambda *a: (fn(*a).astype(jnp.float32) * d_out).sum()
+    grads = jax.grad(loss(ours), (0, 1, 2, 3))(q, k, v, bias)
+    ref_grads = jax.grad(loss(reference), (0, 1, 2, 3))(q, k, v, bias)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert g.dtype == r.dtype, name
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), atol=5 * tol,
+                                   rtol=5 * tol, err_msg=f"d{name}")
+    if with_bias:
+        np.testing.assert_allclose(np.asarray(grads[3], np.float32), np.asarray(ref_grads[3], np.float32),
+                                   atol=5 * tol, rtol=5 * tol, err_msg="dbias")
+
+
+def test_attention_core_under_remat_and_vmap():
+    """The hand-written backward composes with jax.checkpoint (the models' remat) and vmap, and
+    a bias broadcast over batch and heads gets its gradient summed back to its own shape."""
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(3, 2, 4, 6, 8)), jnp.float32) for _ in range(3))
+    bias = jnp.asarray(rng.normal(size=(4, 4)), jnp.float32)   # (q_len, k_len), shared
+
+    def loss(attend, q, k, v, bias):
+        out = jax.vmap(lambda q, k, v: attend(q, k, v, bias))(q, k, v)
+        return jnp.sin(out).sum()
+
+    ours = jax.checkpoint(lambda q, k, v, b: layers.attention_heads_leading(q, k, v, bias=b))
+    ref = lambda q, k, v, b: jax.nn.dot_product_attention(q, k, v, bias=b)
+    grads = jax.jit(jax.grad(lambda *a: loss(ours, *a), (0, 1, 2, 3)))(q, k, v, bias)
+    ref_grads = jax.grad(lambda *a: loss(ref, *a), (0, 1, 2, 3))(q, k, v, bias)
+    assert grads[3].shape == bias.shape
     for g, r in zip(grads, ref_grads):
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), atol=5 * tol, rtol=5 * tol)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-5, rtol=2e-5)
