@@ -7,7 +7,8 @@
 
 The directory rebuilds its model without knowing the source. `load` can switch the layer
 layout (`scan=True` stacks `layer_{i}` into a scanned `layers` axis and back) and the image
-size (learned position embeddings are resampled bicubically, as timm does).
+size (learned position embeddings are resampled bicubically, as timm does, and BEiT's relative
+position tables as BEiT's fine-tuning code does).
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def load_arrays(directory: str, *, image_size: int | tuple[int, int] | None = No
     scanned = any("/layers/" in f"/{p}" for p in expected)
     stored = stack_layers(stored) if scanned else unstack_layers(stored)
     image_hw = next((s["shape"][1:3] for s in inputs if len(s["shape"]) == 4), None)
-    stored = _resample_posembs(stored, expected, image_hw)
+    stored = _resize_to_model(stored, expected, image_hw)
 
     problems = [f"missing {p} {tuple(expected[p].shape)}" for p in expected if p not in stored]
     problems += [f"unexpected {p} {np.shape(v)}" for p, v in stored.items() if p not in expected]
@@ -183,24 +184,55 @@ def load_arrays(directory: str, *, image_size: int | tuple[int, int] | None = No
     return model, {p: np.asarray(v, expected[p].dtype) for p, v in stored.items()}
 
 
-def _resample_posembs(flat: dict, expected: dict, image_hw: Sequence[int] | None) -> dict:
-    """Resizes learned `posemb/pos_embedding` grids whose length differs from the model's.
+POSEMB = "posemb/pos_embedding"
+REL_POS_TABLE = "rel_pos_bias/table"
 
-    A sibling `cls` parameter marks one prefix token (kept as is); the new grid follows the
-    image aspect ratio.
-    """
+
+def resized(path: str, value: np.ndarray, shape: Sequence[int], num_prefix: int,
+            grid: Sequence[int] | None = None) -> np.ndarray | None:
+    """`value` brought to `shape` when `path` is a learned position embedding of another grid
+    (bicubic, as timm; `num_prefix` tokens such as [CLS] kept, new grid `grid` or square) or a
+    BEiT relative position table of another (square) window (BEiT's geometric bicubic); None
+    when it is neither or the shapes do not say how."""
+    value, shape = np.asarray(value), tuple(shape)
+    if path.endswith(POSEMB) and value.ndim == len(shape) == 3 and value.shape[2] == shape[2]:
+        tokens = shape[1] - num_prefix
+        side = math.isqrt(tokens)
+        rows, cols = grid if grid is not None else (side, side)
+        if rows * cols != tokens:
+            return None
+        try:
+            return np.asarray(layers.resample_posemb(jnp.asarray(value), (rows, cols), num_prefix,
+                                                     method="bicubic"))
+        except ValueError:          # the stored grid is not square
+            return None
+    if (path.endswith(REL_POS_TABLE) and value.ndim == len(shape) and value.shape[:-2] == shape[:-2]
+            and value.shape[-1] == shape[-1]):
+        side = (math.isqrt(shape[-2] - 3) + 1) // 2         # (2 side - 1)² offsets + 3 [CLS] rows
+        if (2 * side - 1) ** 2 + 3 != shape[-2]:
+            return None
+        try:
+            return layers.resize_relative_position_table(value, (side, side))
+        except ValueError:
+            return None
+    return None
+
+
+def _resize_to_model(flat: dict, expected: dict, image_hw: Sequence[int] | None) -> dict:
+    """Resizes stored position embeddings and relative position tables made for another image
+    size. A sibling `cls` parameter marks one prefix token; the new grid follows the image
+    aspect ratio. What cannot be resized is left for the shape check to report."""
     out = dict(flat)
+    if image_hw is None:
+        return out
     for path, target in expected.items():
         value = flat.get(path)
-        if (not path.endswith("posemb/pos_embedding") or value is None or value.shape == target.shape
-                or value.ndim != 3 or value.shape[2] != target.shape[2] or image_hw is None):
+        if value is None or np.shape(value) == tuple(target.shape):
             continue
-        parent = path[:-len("posemb/pos_embedding")]
-        prefix = 1 if f"{parent}cls" in flat else 0
-        tokens = target.shape[1] - prefix
-        rows = round(math.sqrt(tokens * image_hw[0] / image_hw[1]))
-        if rows * (tokens // max(rows, 1)) != tokens:
-            continue                    # left for the shape check to report
-        out[path] = np.asarray(layers.resample_posemb(jnp.asarray(value), (rows, tokens // rows), prefix,
-                                                      method="bicubic"))
+        prefix = int(f"{path[:-len(POSEMB)]}cls" in flat) if path.endswith(POSEMB) else 0
+        tokens = target.shape[1] - prefix if len(target.shape) == 3 else 0
+        rows = max(round(math.sqrt(tokens * image_hw[0] / image_hw[1])), 1)
+        new = resized(path, value, target.shape, prefix, (rows, tokens // rows))
+        if new is not None:
+            out[path] = new
     return out

@@ -20,7 +20,9 @@ Paths are `/`-joined and use the unscanned layout (`encoder/layer_3/...`) on bot
 scanned (`encoder/layers/...`) and unscanned models map onto each other. Every target parameter
 must be loaded, fresh or sincos, and every source parameter used or dropped; otherwise one
 WarmStartError lists every unmatched target, unused source and mis-shaped pair. Learned position
-embeddings (`.../posemb/pos_embedding`) of another grid are resampled bicubically.
+embeddings (`.../posemb/pos_embedding`) of another grid are resampled bicubically, and BEiT
+relative position tables (`.../rel_pos_bias/table`) of another window as BEiT does (fine-tuning
+at 384 from a 224 pretraining).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -44,7 +45,7 @@ from mmjax.models import layers
 from mmjax.tasks import base
 
 KEYS = ("source", "step", "preset", "rules", "fresh", "drop", "sincos")
-POSEMB = "posemb/pos_embedding"
+POSEMB = pretrained.POSEMB
 
 
 class WarmStartError(ConversionError):
@@ -219,17 +220,6 @@ def _sincos_table(path: str, shape: tuple[int, ...], target: Mapping[str, Any]) 
     return np.concatenate([np.zeros((1, prefix, shape[2]), np.float32), table], axis=1)
 
 
-def _resampled(path: str, value: np.ndarray, shape: tuple[int, ...], target: Mapping[str, Any]) -> np.ndarray | None:
-    """A learned position embedding resampled to the target's (square) grid, or None."""
-    if not path.endswith(POSEMB) or value.ndim != 3 or len(shape) != 3 or value.shape[2] != shape[2]:
-        return None
-    prefix = _prefix_tokens(path, target)
-    old, new = _square(value.shape[1] - prefix), _square(shape[1] - prefix)
-    if old is None or new is None:
-        return None
-    return np.asarray(layers.resample_posemb(jnp.asarray(value), (new, new), prefix, method="bicubic"))
-
-
 def _report(title: str, problems: dict[str, list[str]]) -> str:
     lines = [title]
     for kind, items in problems.items():
@@ -267,11 +257,12 @@ def map_params(target: Mapping[str, Any], source: Mapping[str, np.ndarray], rule
         used.add(src)
         value = np.asarray(source[src])
         if value.shape != shape:
-            resampled = _resampled(path, value, shape, target)
+            resampled = pretrained.resized(
+                path, value, shape, _prefix_tokens(path, target) if path.endswith(POSEMB) else 0)
             if resampled is None:
                 misshaped.append(f"{path}: the model needs {shape}, {src} is {value.shape}")
                 continue
-            out.notes.append(f"init: resampled {src} {value.shape} to {path} {shape} (bicubic, as timm)")
+            out.notes.append(f"init: resized {src} {value.shape} to {path} {shape} (bicubic)")
             value = resampled
         out.arrays[path] = np.asarray(value, dtype)
     unused = []

@@ -124,6 +124,26 @@ def test_beit_pretraining_run_to_scanned_classifier_with_per_layer_bias(tmp_path
         np.testing.assert_array_equal(got[path], fresh[path])
 
 
+def test_beit_fine_tune_at_a_larger_image_resizes_the_relative_position_table(tmp_path, capsys):
+    """BEiT pretrained at 32 px (4x4 window) -> classifier at 48 px (6x6): the shared table is
+    resized as BEiT's fine-tuning does, then copied into every layer."""
+    pre = beit.BEiT(**TINY, vocab_size=16, rel_pos="shared")
+    pre_params = _init(pre, IMAGES)
+    pre_params["rel_pos_bias"]["table"] = np.random.default_rng(0).normal(size=(52, 2)).astype(np.float32)
+    source = _save_run(tmp_path / "beit", {"beit": pre_params})
+    fields = dict(**TINY, num_classes=5, rel_pos="layer")
+    params, shardings = _target(beit.BEiT(**fields), images=jnp.zeros((8, 48, 48, 3)))
+    out = warm_start.apply(_config(fields, source=source, preset="beit_to_classifier"), params, shardings)
+
+    want = layers.resize_relative_position_table(pre_params["rel_pos_bias"]["table"], (6, 6))
+    assert want.shape == (11 * 11 + 3, 2)
+    got = _unscanned(out)
+    for i in range(2):
+        np.testing.assert_array_equal(got[f"encoder/layer_{i}/rel_pos_bias/table"], want)
+    assert "resized beit/rel_pos_bias/table (52, 2) to encoder/layer_0/rel_pos_bias/table (124, 2)" in (
+        capsys.readouterr().out)
+
+
 def test_same_preset_from_model_directory_resamples_the_position_embedding(tmp_path, small_vit, scanned_vit_48px,
                                                                           capsys):
     small_params, (params, shardings) = small_vit, scanned_vit_48px
@@ -138,7 +158,7 @@ def test_same_preset_from_model_directory_resamples_the_position_embedding(tmp_p
     np.testing.assert_array_equal(got["encoder/layer_1/mlp/fc1/kernel"],
                                   small_params["encoder"]["layer_1"]["mlp"]["fc1"]["kernel"])
     np.testing.assert_array_equal(got["head/kernel"], small_params["head"]["kernel"])
-    assert "resampled posemb/pos_embedding (1, 17, 32) to posemb/pos_embedding (1, 37, 32)" in capsys.readouterr().out
+    assert "resized posemb/pos_embedding (1, 17, 32) to posemb/pos_embedding (1, 37, 32)" in capsys.readouterr().out
 
 
 def test_rules_fresh_and_drop_on_part_of_a_scanned_stack(tmp_path, small_vit, scanned_vit_48px):

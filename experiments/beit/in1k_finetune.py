@@ -18,6 +18,8 @@ Initialisation (`:init_from=DIR`, an in1k_pretrain.py workdir or a BEiT model di
 mmjax-convert; `init.preset="beit_to_classifier"`, see mmjax/warm_start.py): copy the backbone,
 give each layer's `rel_pos_bias/table` the shared pretrained one, start `norm` and `head` fresh,
 drop the mask token, the visual-token head and the dVAE. Without `init_from` it trains from scratch.
+At another resolution (BEiT's 384 fine-tunes: a 384 crop in the pp strings) the pretrained table
+is resized to the new window with BEiT's geometric bicubic interpolation.
 
 Expected (from BEiT-B pretrained 800 epochs on IN-1k): IN-1k top-1 83.2 at 224 px [paper
 Table 1; not re-checked]; from the IN-22k-pretrained weights 83.7 [repo README, via RECIPES.md §3].

@@ -20,7 +20,7 @@ from mmjax.convert import api, engine, io
 from mmjax.convert import beit as beit_tables
 from mmjax.convert import mae as mae_tables
 from mmjax.losses import masked_modeling
-from mmjax.models import mae
+from mmjax.models import layers, mae
 
 
 def _nchw(x):
@@ -182,6 +182,28 @@ def test_beit_timm_round_trip_is_exact(timm_beit, convert, reimport_equals):
     for k, v in timm_beit["state"].items():
         assert torch.equal(restored[k], v), k
     reimport_equals("timm", tmp / "back.safetensors", timm_beit["variables"], "beit_base_patch16_224")
+
+
+def test_beit_loaded_at_384_matches_timm_beit_384(timm_beit, images, diff):
+    """Fine-tuning resolution: the 224 BEiT loaded at 384 gets every layer's relative position
+    table resized (BEiT's geometric bicubic), and timm's beit_base_patch16_384 holding the same
+    weights and tables gives the same logits (so the 24x24 offsets index the table as timm's do)."""
+    model, variables = mmjax.load(str(timm_beit["tmp"] / "mm"), image_size=384)
+    flat = engine.flatten(jax.tree.map(np.asarray, variables["params"]))
+    state = {k: v for k, v in timm_beit["state"].items() if not k.endswith("relative_position_index")}
+    for i in range(12):
+        key = f"blocks.{i}.attn.relative_position_bias_table"
+        table = flat[f"encoder/layer_{i}/rel_pos_bias/table"]
+        assert table.shape == (47 * 47 + 3, 12)
+        np.testing.assert_array_equal(table, layers.resize_relative_position_table(state[key].numpy(), (24, 24)))
+        state[key] = torch.from_numpy(table)
+    ref = timm.create_model("beit_base_patch16_384", pretrained=False)
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("relative_position_index") for k in missing)
+    x = images(1, size=384, seed=8)
+    with torch.no_grad():
+        want = ref.eval()(_nchw(x)).numpy()
+    assert diff(jax.jit(model.apply)(variables, x), want, "timm beit_base_patch16_384 logits") <= 1e-4
 
 
 @pytest.mark.parametrize("name", ["beit_base_patch16_224", "beit_large_patch16_512", "beitv2_base_patch16_224",
