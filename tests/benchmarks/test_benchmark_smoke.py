@@ -37,3 +37,17 @@ def test_sharded_memory_shrinks_with_fsdp():
 def test_unknown_section_is_an_error():
     with pytest.raises(SystemExit):
         cpu.parse_args(["--sections", "speed,bogus"])
+
+
+def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):
+    """benchmarks/gpu.sh's two halves (PyTorch, then mmjax with the ratio) on tiny models: the
+    script that a GPU session runs must not rot while no GPU is lent."""
+    from benchmarks import gpu
+    common = ["--smoke", "--models", "vit", "--remat", "off"]
+    gpu.main(["--framework", "torch", "--out", str(tmp_path / "torch.json"), *common])
+    results = gpu.main(["--framework", "mmjax", "--torch-results", str(tmp_path / "torch.json"),
+                        "--out", str(tmp_path / "gpu.json"), *common])
+    (row,) = results["mmjax"]
+    assert "error" not in row and row["train"]["examples_per_sec"] > 0 and row["ratio_vs_torch"] > 0
+    assert row["flops"]["tflops"] > 0
+    assert "vs PyTorch" in (tmp_path / "gpu.md").read_text()
