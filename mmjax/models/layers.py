@@ -20,8 +20,15 @@ from mmjax.models import attention_core
 Dtype = Any
 ATTENTION_IMPLS = ("xla", "cudnn")
 
+
+def _gelu_erf(x: jax.Array) -> jax.Array:
+    """Exact GELU in PyTorch's erf form, as timm / open_clip compute it. Same values as
+    jax.nn.gelu(approximate=False) (within 1e-6), whose erfc form is 2x slower on XLA:CPU."""
+    return x * 0.5 * (1 + jax.lax.erf(x * jnp.asarray(np.sqrt(0.5), x.dtype)))
+
+
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),   # exact erf GELU, as timm / open_clip
+    "gelu": _gelu_erf,
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),  # big_vision's default
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
     "relu": nn.relu,
