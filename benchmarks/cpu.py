@@ -30,8 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     p.add_argument("--models", default="vit,clip", help="speed-section models: vit (ViT-B/16), clip (CLIP B/16)")
     p.add_argument("--batch", type=int, default=8, help="batch for the speed and FLIP sections")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
-    p.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps after compilation (PyTorch still page-faults in its 2nd step)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     p.add_argument("--threads", type=int, default=None, help="PyTorch intra-op threads (default: all cores, as XLA)")
     p.add_argument("--no-torch", action="store_true", help="skip the timm / open_clip references")
     p.add_argument("--allocator", choices=allocator.ALLOCATORS, default="default",

@@ -229,10 +229,13 @@ def _resize_to_model(flat: dict, expected: dict, image_hw: Sequence[int] | None)
         value = flat.get(path)
         if value is None or np.shape(value) == tuple(target.shape):
             continue
-        prefix = int(f"{path[:-len(POSEMB)]}cls" in flat) if path.endswith(POSEMB) else 0
-        tokens = target.shape[1] - prefix if len(target.shape) == 3 else 0
-        rows = max(round(math.sqrt(tokens * image_hw[0] / image_hw[1])), 1)
-        new = resized(path, value, target.shape, prefix, (rows, tokens // rows))
+        if path.endswith(POSEMB) and len(target.shape) == 3:
+            prefix = int(f"{path[:-len(POSEMB)]}cls" in flat)
+            tokens = target.shape[1] - prefix
+            rows = max(round(math.sqrt(tokens * image_hw[0] / image_hw[1])), 1)
+            new = resized(path, value, target.shape, prefix, (rows, tokens // rows))
+        else:
+            new = resized(path, value, target.shape, 0)
         if new is not None:
             out[path] = new
     return out
