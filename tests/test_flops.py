@@ -38,11 +38,14 @@ def _vit_step_flops(model, images, train_mode):
 def test_vit_analytic_flops_match_xla(train_mode):
     model = vit.ViT(**VIT, num_classes=10)
     images = jax.ShapeDtypeStruct((4, 64, 64, 3), jnp.float32)
-    analytic = 4 * flops.total(flops.vit_flops(model, (64, 64)))
-    analytic *= flops.TRAIN_FACTOR if train_mode else 1.0
+    parts = flops.vit_flops(model, (64, 64))
+    analytic = 4 * flops.total(parts)
+    if train_mode:   # the images need no gradient: XLA skips the patch embedding's input gradient
+        analytic = flops.TRAIN_FACTOR * analytic - 4 * parts["patch_embed"]
     xla = _vit_step_flops(model, images, train_mode)
     print(f"ViT {'train' if train_mode else 'forward'}: XLA / analytic = {xla / analytic:.4f}")
-    # XLA also counts norms, softmax, GELU and (in training) their gradients: a few % more.
+    # XLA also counts norms, softmax, GELU, (in training) their gradients and the attention
+    # probabilities the backward recomputes: a few % more.
     assert 1.0 <= xla / analytic < 1.06
 
 

@@ -18,6 +18,11 @@ MESHES = {
 }
 # float32 on CPU; the sharded runs sum partial products in a different order.
 RTOL, ATOL = 2e-5, 2e-6
+# Updated parameters: AdamW's first step (update = lr * g / (|g| + eps)) scales that order noise
+# by up to lr / eps = 1e3 where |g| <= eps (e.g. key biases, whose gradient is zero up to rounding
+# because softmax ignores a per-query constant). 1% of lr; a real sharding error moves updates by
+# O(lr) and the loss / gradient norm, which keep the tight bounds.
+UPDATE_ATOL = 1e-5
 
 
 def _config(task: str) -> ml_collections.ConfigDict:
@@ -83,7 +88,7 @@ def test_sharded_step_equals_single_device(reference, preset):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), before, ref_before)
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=RTOL, atol=ATOL)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL), after, ref_after)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=UPDATE_ATOL), after, ref_after)
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), after, before))
     assert sum(changed) > 0.9 * len(changed), "the step should update (almost) every parameter"
     if preset != "dp":
