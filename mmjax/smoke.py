@@ -15,13 +15,13 @@ SHAPES_TRAIN = {"name": "mmjax_shapes", "split": "train"}
 SHAPES_TEST = {"name": "mmjax_shapes", "split": "test"}
 
 
-def short_run(c: ml_collections.ConfigDict, steps: int = 3) -> None:
-    """`steps` steps, logged and checkpointed every step or two, evaluated only at the end."""
+def short_run(c: ml_collections.ConfigDict, steps: int = 3, log_every: int = 1) -> None:
+    """`steps` steps, logged every `log_every`, checkpointed every 2, evaluated only at the end."""
     c.total_steps = steps
     if "num_epochs" in c:
         c.num_epochs = None
     c.schedule.warmup_steps = 1
-    c.log_every_steps = 1
+    c.log_every_steps = log_every
     c.checkpoint.every_steps = 2
     c.evals.every_steps = 0
 

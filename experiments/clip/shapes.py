@@ -14,7 +14,7 @@ Expected: zero-shot top-1 ≈ 0.89 (chance 1/24 ≈ 0.04), i2t / t2i R@1 ≈ 0.2
 
 import ml_collections
 
-from mmjax import configs
+from mmjax import configs, smoke
 from mmjax.data.shapes import ZERO_SHOT_TEMPLATES
 
 
@@ -57,12 +57,8 @@ def get_config(arg=None):
                        batch_size=500, max_examples=None, ks=(1, 5, 10)),
     )
     if arg.smoke:
-        c.total_steps = 4
-        c.schedule.warmup_steps = 1
+        smoke.short_run(c, steps=4, log_every=2)
         c.input.batch_size = 32
-        c.log_every_steps = 2
-        c.checkpoint.every_steps = 2
-        c.evals.every_steps = 0
         c.evals.zeroshot.max_examples = 64
         c.evals.retrieval.max_examples = 64
     return c

@@ -15,7 +15,7 @@ shapes apart takes MAE longer than this budget).
 
 import ml_collections
 
-from mmjax import configs
+from mmjax import configs, smoke
 
 
 def get_config(arg=None):
@@ -47,12 +47,8 @@ def get_config(arg=None):
                    labels=("label", "position"), feature="gap", steps=300, lr=0.05),
     )
     if arg.smoke:
-        c.total_steps = 4
-        c.schedule.warmup_steps = 1
+        smoke.short_run(c, steps=4, log_every=2)
         c.input.batch_size = 16
-        c.log_every_steps = 2
-        c.checkpoint.every_steps = 2
-        c.evals.every_steps = 0
         c.evals.recon.update(batch_size=32, max_examples=32)
         c.evals.probe.train.update(batch_size=32, max_examples=64)
         c.evals.probe.test.update(batch_size=32, max_examples=32)

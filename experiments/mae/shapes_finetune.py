@@ -18,7 +18,7 @@ encoder's, see shapes.py).
 
 import ml_collections
 
-from mmjax import configs
+from mmjax import configs, smoke
 
 
 def get_config(arg=None):
@@ -43,10 +43,7 @@ def get_config(arg=None):
     c.evals = dict(every_steps=0, top1=dict(data=dict(name="mmjax_shapes", split="test"), pp=pp,
                                             batch_size=500, max_examples=None))
     if arg.smoke:
-        c.total_steps = 4
-        c.schedule.warmup_steps = 1
+        smoke.short_run(c, steps=4, log_every=2)
         c.input.batch_size = 16
-        c.log_every_steps = 2
-        c.checkpoint.every_steps = 2
         c.evals.top1.max_examples = 64
     return c

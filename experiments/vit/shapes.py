@@ -6,7 +6,7 @@ Expected: test top-1 far above chance (1/24 ≈ 0.04); see the README for measur
 
 import ml_collections
 
-from mmjax import configs
+from mmjax import configs, smoke
 
 
 def get_config(arg=None):
@@ -34,11 +34,7 @@ def get_config(arg=None):
                                               pp="resize(32)|value_range(-1,1)|keep('image','label')",
                                               batch_size=500, max_examples=None))
     if arg.smoke:
-        c.total_steps = 4
-        c.schedule.warmup_steps = 1
+        smoke.short_run(c, steps=4, log_every=2)
         c.input.batch_size = 32
-        c.log_every_steps = 2
-        c.checkpoint.every_steps = 2
-        c.evals.every_steps = 0
         c.evals.top1.max_examples = 64
     return c
