@@ -37,6 +37,27 @@ def randomize_tables():
 
 
 @pytest.fixture(scope="session")
+def fill_mae_posembs():
+    """transformers leaves ViTMAE's fixed sin-cos tables at zero in a model built from a config
+    (checkpoints carry them): fill them with its own function, as its initialize_weights does
+    (the original MAE layout rotates the two halves)."""
+    import torch
+    from transformers.models.vit_mae.modeling_vit_mae import (
+        build_2d_sinusoidal_position_embedding,
+    )
+
+    def fn(model):
+        with torch.no_grad():
+            for param in (model.vit.embeddings.position_embeddings, model.decoder.decoder_pos_embed):
+                grid = round((param.shape[1] - 1) ** 0.5)
+                table = build_2d_sinusoidal_position_embedding(grid, grid, param.shape[-1], cls_token=True)
+                half = table.shape[-1] // 2
+                param.copy_(torch.cat([table[..., half:], table[..., :half]], dim=-1)[None])
+        return model
+    return fn
+
+
+@pytest.fixture(scope="session")
 def images():
     def fn(n=2, size=224, seed=0):
         return np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)

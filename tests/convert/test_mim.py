@@ -27,30 +27,16 @@ def _nchw(x):
     return torch.from_numpy(x.transpose(0, 3, 1, 2))
 
 
-def _fill_mae_posembs(model):
-    """transformers leaves ViTMAE's fixed sin-cos tables at zero when built from a config
-    (checkpoints carry them): fill them with its own function, as its initialize_weights does."""
-    from transformers.models.vit_mae.modeling_vit_mae import (
-        build_2d_sinusoidal_position_embedding,
-    )
-    with torch.no_grad():
-        for param in (model.vit.embeddings.position_embeddings, model.decoder.decoder_pos_embed):
-            grid = round((param.shape[1] - 1) ** 0.5)
-            table = build_2d_sinusoidal_position_embedding(grid, grid, param.shape[-1], cls_token=True)
-            half = table.shape[-1] // 2
-            param.copy_(torch.cat([table[..., half:], table[..., :half]], dim=-1)[None])
-
-
 # ---------------------------------------------------------------------------------------------
 # MAE
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def hf_mae(tmp_path_factory, randomize, images, convert):
+def hf_mae(tmp_path_factory, randomize, images, convert, fill_mae_posembs):
     tmp = tmp_path_factory.mktemp("hf_mae")
     torch.manual_seed(0)
     ref = randomize(transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig()))   # B/16, decoder 512d8b
-    _fill_mae_posembs(ref)
+    fill_mae_posembs(ref)
     x = images(1)
     noise = np.random.default_rng(1).uniform(size=(1, 196)).astype(np.float32)
     with torch.no_grad():
@@ -85,7 +71,7 @@ def test_mae_position_tables_are_checked(hf_mae):
         mae_tables.from_hf(config, state)
 
 
-def test_mae_both_key_spellings(tmp_path, randomize, convert):
+def test_mae_both_key_spellings(tmp_path, randomize, convert, fill_mae_posembs):
     """save_pretrained's folder (4.x names; the decoder spelled `decoder_encoder.layer`) and one with
     the in-memory transformers 5 names convert to the same parameters."""
     config = transformers.ViTMAEConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -94,7 +80,7 @@ def test_mae_both_key_spellings(tmp_path, randomize, convert):
                                        patch_size=8)
     torch.manual_seed(6)
     ref = randomize(transformers.ViTMAEForPreTraining(config), seed=6)
-    _fill_mae_posembs(ref)
+    fill_mae_posembs(ref)
     ref.save_pretrained(str(tmp_path / "saved"))
     memory = {k: v.numpy() for k, v in ref.state_dict().items()}
     assert "decoder.decoder_layers.1.attention.q_proj.weight" in memory

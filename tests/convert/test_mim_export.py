@@ -38,20 +38,6 @@ def _nchw(x):
     return torch.from_numpy(x.transpose(0, 3, 1, 2))
 
 
-def _fill_mae_posembs(model):
-    """ViTMAE's fixed tables, from transformers' own function (it leaves them zero in a model built
-    from a config; checkpoints carry them): the original MAE layout rotates the two halves."""
-    from transformers.models.vit_mae.modeling_vit_mae import (
-        build_2d_sinusoidal_position_embedding,
-    )
-    with torch.no_grad():
-        for param in (model.vit.embeddings.position_embeddings, model.decoder.decoder_pos_embed):
-            grid = round((param.shape[1] - 1) ** 0.5)
-            table = build_2d_sinusoidal_position_embedding(grid, grid, param.shape[-1], cls_token=True)
-            half = table.shape[-1] // 2
-            param.copy_(torch.cat([table[..., half:], table[..., :half]], dim=-1)[None])
-
-
 def _load_strict(cls, folder):
     """The written folder: its config.json builds `cls`, its weights fill it with strict key checks
     (and from_pretrained agrees: nothing missing, unexpected or mis-shaped)."""
@@ -89,11 +75,11 @@ def _model_dir(path, class_path, fields, inputs):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def mae_hf(tmp_path_factory, randomize, images, convert):
+def mae_hf(tmp_path_factory, randomize, images, convert, fill_mae_posembs):
     tmp = tmp_path_factory.mktemp("mae_hf")
     torch.manual_seed(1)
     ref = randomize(transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**SMALL_MAE)), seed=1)
-    _fill_mae_posembs(ref)
+    fill_mae_posembs(ref)
     ref.save_pretrained(str(tmp / "hf"))
     convert("--source", "hf", "--checkpoint", tmp / "hf", "--output", tmp / "mm")
     convert("--to", "hf", "--input", tmp / "mm", "--output", tmp / "back")
