@@ -3,7 +3,7 @@
 One command (about 10 minutes on 2 cores with the defaults), results as JSON and Markdown:
   python -m benchmarks.cpu --allocator jemalloc --out benchmarks/results/cpu.json
 `--allocator` (`--jemalloc` for short) re-runs the process, JAX and PyTorch alike, with a host
-allocator that does not page-fault fresh buffers in on every step (see benchmarks/allocator.py).
+allocator that does not page-fault fresh buffers in on every step (see mmjax/allocator.py).
 `--smoke` runs tiny models in seconds (tests).
 """
 
@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks import allocator
+from mmjax import allocator
 
 SECTIONS = ("speed", "flip", "scaling", "memory")
 
@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="PyTorch intra-op threads (default: all cores, as XLA)")
     p.add_argument("--no-torch", action="store_true", help="skip the timm / open_clip references")
     p.add_argument("--allocator", choices=allocator.ALLOCATORS, default="default",
-                   help="re-run under this host allocator (both frameworks); see benchmarks/allocator.py")
+                   help="re-run under this host allocator (both frameworks); see mmjax/allocator.py")
     p.add_argument("--jemalloc", action="store_true", help="same as --allocator jemalloc")
     p.add_argument("--jemalloc-path", default=allocator.JEMALLOC)
     p.add_argument("--jemalloc-conf", default=allocator.JEMALLOC_CONF, help="MALLOC_CONF; '' for stock jemalloc")

@@ -8,7 +8,7 @@ import platform
 
 import jax
 
-from benchmarks import allocator
+from mmjax import allocator
 
 
 def environment(threads: int | None = None) -> dict:

@@ -11,6 +11,12 @@ whose files do not match it (truncated, missing or altered files) is moved to
 
 `load_train_state` / `restore_params` read a checkpoint onto the host as numpy arrays, with no
 mesh and no devices of the writing topology (for conversion and inspection).
+
+A workdir may be a bucket URL (`gs://bucket/run`, see `mmjax.paths`): orbax writes the arrays
+through tensorstore and commits a step by writing `commit_success.txt` into it (no rename on
+GCS); the manifest then records the CRC32C that the store keeps for every object, so checking a
+step is one listing, not a second read of the checkpoint, and moving a corrupt step aside is a
+copy and a delete.
 """
 
 from __future__ import annotations
@@ -18,14 +24,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
-import zlib
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from mmjax import paths
 
 MANIFEST = "mmjax_manifest.json"
 # Files orbax (re)writes after the manifest is taken: commit markers, the step's metadata.
@@ -45,8 +51,8 @@ class Checkpointer:
     """Saves and restores `{"state": train state, "data": iterator positions}` under workdir."""
 
     def __init__(self, workdir: str, every_steps: int, keep: int = 3):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self.corrupt_directory = os.path.abspath(os.path.join(workdir, "corrupt_checkpoints"))
+        self.directory = paths.absolute(paths.join(workdir, "checkpoints"))
+        self.corrupt_directory = paths.absolute(paths.join(workdir, "corrupt_checkpoints"))
         self._saving_step: int | None = None
         self._closed = False
         options = ocp.CheckpointManagerOptions(
@@ -104,7 +110,7 @@ class Checkpointer:
         found_any = False
         for step in sorted(self.manager.all_steps(), reverse=True):
             found_any = True
-            problem = _agreed_problem(os.path.join(self.directory, str(step)))
+            problem = _agreed_problem(paths.join(self.directory, str(step)))
             if problem is None:
                 return step, self.restore(step, abstract_state, data_iterator)
             if problem == _NO_MANIFEST:  # written without a manifest: trust orbax to notice damage
@@ -132,12 +138,12 @@ class Checkpointer:
     def _before_commit(self) -> None:
         """Runs on process 0 once every process has written the step, just before the commit."""
         step = self._saving_step
-        step_dir = os.path.join(self.directory, f"{step}{_TMP_SUFFIX}")
-        if not os.path.isdir(step_dir):  # storage where orbax commits in place (no rename)
-            step_dir = os.path.join(self.directory, str(step))
+        step_dir = paths.join(self.directory, f"{step}{_TMP_SUFFIX}")
+        if not paths.isdir(step_dir):  # storage where orbax commits in place (no rename): GCS
+            step_dir = paths.join(self.directory, str(step))
         try:
             write_manifest(step_dir)
-        except OSError as e:  # the checkpoint stays usable; it is just not verifiable
+        except Exception as e:  # noqa: BLE001 - object stores raise more than OSError; still usable
             log.warning("Could not write the manifest of checkpoint step %s in %s: %s", step, step_dir, e)
         delay = float(os.environ.get(COMMIT_DELAY_ENV) or 0)
         if delay > 0:
@@ -146,14 +152,14 @@ class Checkpointer:
             time.sleep(delay)
 
     def _move_aside(self, step: int) -> str:
-        target = os.path.join(self.corrupt_directory, str(step))
+        target = paths.join(self.corrupt_directory, str(step))
         if jax.process_index() == 0:
-            os.makedirs(self.corrupt_directory, exist_ok=True)
+            paths.makedirs(self.corrupt_directory, exist_ok=True)
             suffix = 0
-            while os.path.exists(target):
+            while paths.exists(target):
                 suffix += 1
-                target = os.path.join(self.corrupt_directory, f"{step}-{suffix}")
-            shutil.move(os.path.join(self.directory, str(step)), target)
+                target = paths.join(self.corrupt_directory, f"{step}-{suffix}")
+            paths.move(paths.join(self.directory, str(step)), target)
         _sync("mmjax_checkpoint_move_aside")
         self.manager.reload()
         return target
@@ -180,7 +186,7 @@ def load_train_state(path: str, step: int | None = None, *, params_only: bool = 
     the newest step that passes its manifest is read.
     """
     step_dir = resolve_step_dir(path, step)
-    item_dir = os.path.join(step_dir, "state")
+    item_dir = paths.join(step_dir, "state")
     checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(item_dir).item_metadata.tree
     if params_only:
@@ -198,13 +204,20 @@ def restore_params(path: str, step: int | None = None) -> dict:
 
 
 def write_manifest(step_dir: str) -> None:
-    """Records size and CRC32 of every file under `step_dir` (see `find_problem`)."""
-    files = {}
-    for relative in _list_files(step_dir):
-        files[relative] = [os.path.getsize(os.path.join(step_dir, relative)),
-                           _crc32(os.path.join(step_dir, relative))]
-    with open(os.path.join(step_dir, MANIFEST), "w") as f:
-        json.dump({"format": 1, "files": files}, f)
+    """Records size and CRC32 of every file under `step_dir` (see `find_problem`); on object
+    stores that keep a CRC32C per object (GCS), that one, read from one listing."""
+    manifest: dict[str, Any] = {"format": 1}
+    if paths.is_remote(step_dir):
+        details = {k: v for k, v in paths.file_details(step_dir).items() if _verified(k)}
+        if all(paths.crc32c(info) for info in details.values()):
+            manifest["checksum"] = "crc32c"
+            manifest["files"] = {k: [int(v["size"]), paths.crc32c(v)] for k, v in sorted(details.items())}
+    if "files" not in manifest:
+        manifest["files"] = {relative: [paths.getsize(paths.join(step_dir, relative)),
+                                        paths.crc32(paths.join(step_dir, relative))]
+                             for relative in _list_files(step_dir)}
+    with paths.open(paths.join(step_dir, MANIFEST), "w") as f:
+        json.dump(manifest, f)
 
 
 _NO_MANIFEST = "no manifest"
@@ -212,63 +225,63 @@ _NO_MANIFEST = "no manifest"
 
 def find_problem(step_dir: str) -> str | None:
     """What is wrong with a committed step directory, or None when it matches its manifest."""
-    path = os.path.join(step_dir, MANIFEST)
-    if not os.path.isfile(path):
+    path = paths.join(step_dir, MANIFEST)
+    if not paths.isfile(path):
         return _NO_MANIFEST
     try:
-        with open(path) as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        with paths.open(path) as f:
+            manifest = json.load(f)
+        files, kind = manifest["files"], manifest.get("checksum", "crc32")
+        files = {relative: (int(size), crc) for relative, (size, crc) in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"unreadable manifest ({e})"
+    remote = paths.is_remote(step_dir)
+    details = paths.file_details(step_dir) if remote else {}  # one listing, not a request per file
     for relative, (size, crc) in sorted(files.items()):
-        full = os.path.join(step_dir, relative)
-        if not os.path.isfile(full):
+        full = paths.join(step_dir, relative)
+        if not (relative in details if remote else os.path.isfile(full)):
             return f"missing file {relative}"
-        actual = os.path.getsize(full)
+        actual = int(details[relative]["size"]) if remote else os.path.getsize(full)
         if actual != size:
             return f"{relative} has {actual} bytes, {size} were written"
-        if _crc32(full) != crc:
+        if kind == "crc32c":
+            actual_crc = (paths.crc32c(details[relative]) if remote else None) or paths.content_crc32c(full)
+        else:
+            actual_crc = paths.crc32(full)
+        if actual_crc != crc:
             return f"{relative} does not match its checksum"
     return None
 
 
+def _verified(relative: str) -> bool:
+    """Whether the manifest covers a file: not itself, nor what orbax writes after it."""
+    return relative not in (MANIFEST, _STEP_METADATA) and os.path.basename(relative) != _COMMIT_MARKER
+
+
 def _list_files(root: str) -> list[str]:
-    out = []
-    for folder, _, names in os.walk(root):
-        for name in names:
-            relative = os.path.relpath(os.path.join(folder, name), root)
-            if relative in (MANIFEST, _STEP_METADATA) or name == _COMMIT_MARKER:
-                continue
-            out.append(relative)
-    return sorted(out)
-
-
-def _crc32(path: str) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return crc
+    return [relative for relative in paths.list_files(root) if _verified(relative)]
 
 
 def resolve_step_dir(path: str, step: int | None) -> str:
     """The step directory of a workdir, its checkpoints/ folder or a step folder: `step`, or the
     newest good one."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isdir(os.path.join(path, "state")):
+    path = paths.resolve(path)
+    if paths.isdir(paths.join(path, "state")):
         return path
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    steps = sorted((int(n) for n in os.listdir(path) if n.isdigit()), reverse=True) if os.path.isdir(path) else []
+    if paths.isdir(paths.join(path, "checkpoints")):
+        path = paths.join(path, "checkpoints")
+    steps = sorted((int(n) for n in paths.listdir(path) if n.isdigit()), reverse=True) if paths.isdir(path) else []
+    if paths.scheme(path) == "gs":  # committed in place: a step without its marker is unfinished
+        steps = [s for s in steps if paths.isfile(paths.join(path, str(s), _COMMIT_MARKER))]
     if step is not None:
         if step not in steps:
             raise FileNotFoundError(f"No checkpoint step {step} in {path}; steps there: {sorted(steps)}")
-        return os.path.join(path, str(step))
+        return paths.join(path, str(step))
     problems = []
     for candidate in steps:
-        problem = find_problem(os.path.join(path, str(candidate)))
+        problem = find_problem(paths.join(path, str(candidate)))
         if problem in (None, _NO_MANIFEST):
-            return os.path.join(path, str(candidate))
+            return paths.join(path, str(candidate))
         problems.append(f"step {candidate}: {problem}")
     raise FileNotFoundError(f"No usable checkpoint in {path}" + (f" ({'; '.join(problems)})" if problems else ""))
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
 import jax
 import numpy as np
+
+from mmjax import paths
 
 
 def _scalar(value: Any) -> float | int:
@@ -21,10 +22,13 @@ class MetricWriter:
         self.enabled = jax.process_index() == 0
         self._tb = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)  # noqa: SIM115 - open for the run; close() closes it
+            paths.makedirs(workdir, exist_ok=True)
+            # Line-buffered; in a bucket (gs://) the object is rewritten at every line.
+            self._jsonl = paths.open_append(paths.join(workdir, "metrics.jsonl"))
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            # Written locally; in a bucket, a temporary folder uploaded after every flush.
+            self._tb_dir = paths.LocalMirror(paths.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(self._tb_dir.local)
 
     def write(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
         scalars = {k: _scalar(v) for k, v in metrics.items()}
@@ -33,12 +37,14 @@ class MetricWriter:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, step)
             self._tb.flush()
+            self._tb_dir.sync()
         return scalars
 
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+            self._tb_dir.close()
 
 
 def format_line(step: int, total: int, scalars: dict[str, float], keys: tuple[str, ...]) -> str:

@@ -8,7 +8,9 @@
 The directory rebuilds its model without knowing the source. `load` can switch the layer
 layout (`scan=True` stacks `layer_{i}` into a scanned `layers` axis and back) and the image
 size (learned position embeddings are resampled bicubically, as timm does, and BEiT's relative
-position tables as BEiT's fine-tuning code does).
+position tables as BEiT's fine-tuning code does). A training workdir loads the same way
+(`mmjax.runs`): the model the run trains, from its newest good checkpoint or `step=`.
+model_config.json may also hold the inference keys of `mmjax.inference_spec`.
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ import dataclasses
 import importlib
 import json
 import math
-import os
-import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mmjax import paths
 from mmjax.convert.engine import (
     ConversionError,
     flatten,
@@ -109,53 +110,107 @@ def abstract_params(model: nn.Module, inputs: Sequence[dict]) -> dict[str, jax.S
 
 
 def save(directory: str, model: nn.Module, params: dict, inputs: Sequence[dict],
-         source: dict | None = None, overwrite: bool = False) -> None:
-    """Writes a model directory: model_config.json and an orbax checkpoint of {"params": params}."""
-    directory = os.path.abspath(directory)
-    config_path = os.path.join(directory, CONFIG_FILE)
-    if os.path.exists(config_path) and not overwrite:
+         source: dict | None = None, overwrite: bool = False, inference: dict | None = None) -> None:
+    """Writes a model directory: model_config.json and an orbax checkpoint of {"params": params}.
+    `inference`: "preprocess", "tokenizer", "class_names" (see mmjax.inference_spec)."""
+    directory = paths.absolute(directory)  # a local folder or a bucket URL (gs://...)
+    config_path = paths.join(directory, CONFIG_FILE)
+    if paths.exists(config_path) and not overwrite:
         raise FileExistsError(f"{directory} already holds a model (pass overwrite=True / --overwrite)")
-    os.makedirs(directory, exist_ok=True)
+    paths.makedirs(directory, exist_ok=True)
     if overwrite:
-        shutil.rmtree(os.path.join(directory, CHECKPOINT_DIR), ignore_errors=True)
+        paths.rmtree(paths.join(directory, CHECKPOINT_DIR), ignore_errors=True)
     config = {"format": FORMAT, "class": f"{type(model).__module__}.{type(model).__qualname__}",
-              "fields": model_fields(model), "inputs": list(inputs), "source": source or {}}
+              "fields": model_fields(model), "inputs": list(inputs), "source": source or {}, **(inference or {})}
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(directory, CHECKPOINT_DIR),
+    checkpointer.save(paths.join(directory, CHECKPOINT_DIR),
                       {"params": jax.tree.map(np.asarray, params)})
     checkpointer.wait_until_finished()
     checkpointer.close()
-    with open(config_path, "w") as f:
+    with paths.open(config_path, "w") as f:
         json.dump(config, f, indent=2)
 
 
 def read_config(directory: str) -> dict:
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = paths.join(directory, CONFIG_FILE)
+    if not paths.isfile(path):
         raise FileNotFoundError(f"{directory} is not an mmjax model directory (no {CONFIG_FILE})")
-    with open(path) as f:
+    with paths.open(path) as f:
         config = json.load(f)
     if config.get("format") != FORMAT:
         raise ConversionError(f"{path}: unknown format {config.get('format')!r}, expected {FORMAT!r}")
     return config
 
 
-def load(directory: str, *, image_size: int | tuple[int, int] | None = None,
+def load(path: str, *, step: int | None = None, which: str = "params", mesh: jax.sharding.Mesh | None = None,
+         sharding: str = "fsdp", image_size: int | tuple[int, int] | None = None,
          **overrides: Any) -> tuple[nn.Module, dict]:
-    """(model, variables) from a model directory, ready for `model.apply(variables, ...)`.
+    """(model, variables) from a model directory or a training workdir, ready for `model.apply`.
 
     overrides: model fields, e.g. scan=True (layers stacked for nn.scan), dtype=jnp.bfloat16,
     attention_impl="cudnn". image_size: run at another resolution; learned position
     embeddings are resampled (bicubic with antialiasing, timm's `resample_abs_pos_embed`).
+    Runs only: `step` (default: the newest good checkpoint) and `which` ("params", or "ema" for
+    the EMA / momentum parameters a task keeps). mesh: place the parameters sharded by their
+    logical axes under the `sharding` preset (mmjax.sharding); without it they are replicated.
     """
-    model, flat = load_arrays(directory, image_size=image_size, **overrides)
-    return model, {"params": unflatten({p: jnp.asarray(v) for p, v in flat.items()})}
+    model, flat, inputs = _load(path, step, which, image_size, overrides)
+    if mesh is None:
+        return model, {"params": unflatten({p: jnp.asarray(v) for p, v in flat.items()})}
+    targets = param_shardings(model, inputs, mesh, sharding)
+    return model, {"params": unflatten({p: jax.device_put(v, targets[p]) for p, v in flat.items()})}
 
 
-def load_arrays(directory: str, *, image_size: int | tuple[int, int] | None = None,
+def load_arrays(path: str, *, step: int | None = None, which: str = "params",
+                image_size: int | tuple[int, int] | None = None,
                 **overrides: Any) -> tuple[nn.Module, dict[str, np.ndarray]]:
     """`load` with the parameters as flat host arrays (path -> np.ndarray), checked against the model."""
-    config = read_config(directory)
+    model, flat, _ = _load(path, step, which, image_size, overrides)
+    return model, flat
+
+
+def model_config(path: str) -> dict:
+    """model_config.json of a model directory or a run (rebuilt from config.json for older runs)."""
+    from mmjax import runs
+    return runs.read_model_config(path) if runs.is_run(path) else read_config(path)
+
+
+def inference_spec(path: str, step: int | None = None) -> dict:
+    """{"preprocess": pp str | None, "tokenizer": spec dict | None, "class_names": list | None,
+    "kind": "contrastive" | "classifier" | "other"} of a model directory or run (see
+    mmjax.inference_spec); `step` is checked to exist in a run."""
+    from mmjax import inference_spec as spec, runs
+    if runs.is_run(path):
+        if step is not None:
+            runs.resolve_step(path, step)
+        return spec.spec(runs.read_model_config(path))
+    if step is not None:
+        raise ValueError(f"{path} is a model directory: step= applies to training runs only")
+    return spec.spec(read_config(path))
+
+
+def param_shardings(model: nn.Module, inputs: Sequence[dict], mesh: jax.sharding.Mesh,
+                    preset: str = "fsdp") -> dict[str, jax.sharding.NamedSharding]:
+    """Flat path -> NamedSharding of the model's params from their logical axis names."""
+    from mmjax import sharding as sharding_lib
+    args = [jax.ShapeDtypeStruct(tuple(s["shape"]), jnp.dtype(s["dtype"])) for s in inputs]
+    boxed = jax.eval_shape(lambda *xs: model.init(jax.random.key(0), *xs), *args)
+    return flatten(sharding_lib.logical_shardings(boxed, mesh, sharding_lib.get_rules(preset))["params"])
+
+
+def _load(path: str, step: int | None, which: str, image_size, overrides: dict):
+    """(model, flat host params, example inputs) of a model directory or run."""
+    from mmjax import runs
+    if runs.is_run(path):
+        config, params, _ = runs.read_params(path, step, which)
+        stored = flatten(params)
+    else:
+        if step is not None or which != "params":
+            raise ValueError(f"{path} is a model directory: step= and which= apply to training runs only")
+        config = read_config(path)
+        checkpointer = ocp.StandardCheckpointer()
+        stored = flatten(checkpointer.restore(paths.absolute(paths.join(path, CHECKPOINT_DIR)))["params"])
+        checkpointer.close()
     cls = _model_class(config["class"])
     fields = with_overrides(cls, config["fields"], overrides)
     inputs = [dict(s) for s in config["inputs"]]
@@ -167,9 +222,6 @@ def load_arrays(directory: str, *, image_size: int | tuple[int, int] | None = No
     model = cls(**_as_tuples(fields))
     expected = abstract_params(model, inputs)
 
-    checkpointer = ocp.StandardCheckpointer()
-    stored = flatten(checkpointer.restore(os.path.abspath(os.path.join(directory, CHECKPOINT_DIR)))["params"])
-    checkpointer.close()
     scanned = any("/layers/" in f"/{p}" for p in expected)
     stored = stack_layers(stored) if scanned else unstack_layers(stored)
     image_hw = next((s["shape"][1:3] for s in inputs if len(s["shape"]) == 4), None)
@@ -180,8 +232,8 @@ def load_arrays(directory: str, *, image_size: int | tuple[int, int] | None = No
     problems += [f"mis-shaped {p}: stored {np.shape(v)}, model needs {tuple(expected[p].shape)}"
                  for p, v in stored.items() if p in expected and np.shape(v) != tuple(expected[p].shape)]
     if problems:
-        raise ConversionError(f"{directory} does not fit {cls.__name__}({overrides}):\n  " + "\n  ".join(problems))
-    return model, {p: np.asarray(v, expected[p].dtype) for p, v in stored.items()}
+        raise ConversionError(f"{path} does not fit {cls.__name__}({overrides}):\n  " + "\n  ".join(problems))
+    return model, {p: np.asarray(v, expected[p].dtype) for p, v in stored.items()}, inputs
 
 
 POSEMB = "posemb/pos_embedding"

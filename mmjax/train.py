@@ -28,11 +28,14 @@ from mmjax import (
     faults,
     flops,
     optim,
+    paths,
+    runs,
     sharding,
     tasks,
     warm_start,
 )
 from mmjax import metrics as metrics_lib
+from mmjax import progress as progress_lib
 from mmjax.data import pipeline, sources
 
 LOG_KEYS = ("loss", "lr", "examples_per_sec", "tflops_per_device", "mfu", "eval_time_share",
@@ -50,15 +53,21 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
 
 
 def check_writable(workdir: str) -> None:
+    """Local directories and bucket URLs (gs://, see mmjax.paths) alike: a probe file is written."""
+    remote = paths.is_remote(workdir)
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe.{os.uname().nodename}.{os.getpid()}")  # one per process
-        with open(probe, "w") as f:
+        paths.makedirs(workdir, exist_ok=True)
+        probe = paths.join(workdir, f".write_probe.{os.uname().nodename}.{os.getpid()}")  # one per process
+        with paths.open(probe, "w") as f:
             f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"Workdir {workdir!r} is not writable ({e}); pass a --workdir this "
-                         "process can create and write to") from e
+        paths.remove(probe)
+    except ImportError as e:  # gs:// without gcsfs installed
+        raise ValueError(f"Workdir {workdir!r}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - object stores raise their own errors (no bucket, 403)
+        if not (remote or isinstance(e, OSError)):
+            raise
+        raise ValueError(f"Workdir {workdir!r} is not writable ({type(e).__name__}: {e}); pass a "
+                         "--workdir this process can create and write to") from e
 
 
 def optimizer_shardings(tx: optax.GradientTransformation, params, param_shardings, replicated):
@@ -94,8 +103,11 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule
     return train_step
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Runs (or resumes) the experiment; returns the final evaluation metrics."""
+def train(config: ml_collections.ConfigDict, workdir: str, progress: str | None = None) -> dict[str, float]:
+    """Runs (or resumes) the experiment; returns the final evaluation metrics.
+
+    `progress`: "bar", "lines" or "auto" (default, or $MMJAX_PROGRESS): see mmjax/progress.py.
+    """
     check_writable(workdir)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.get_rules(config.get("sharding", "dp"))
@@ -109,13 +121,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     task = tasks.get_task(config)
     writer = metrics_lib.MetricWriter(workdir)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        with paths.open(paths.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
     loader = pipeline.make_train_loader(
         config.input.data, config.input.pp, global_batch, seed=config.get("seed", 0),
         tokenizer=task.tokenizer, worker_count=config.input.get("worker_count", 0))
     shapes_batch = next(iter(loader))
+    if jax.process_index() == 0:   # the run as a model: mmjax.load(workdir), mmjax-convert --input workdir
+        runs.write_model_config(workdir, config, task, shapes_batch)
     data_iter = iter(loader)
     batch_sharding = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -126,7 +140,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     rng = jax.random.key(config.get("seed", 0))
     init_rng, dropout_rng = jax.random.split(rng)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    console = progress_lib.Progress(steps, global_batch, progress)  # process 0 prints; a bar on a TTY
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), console:
         init_batch = {k: jnp.zeros((dp,) + np.shape(v)[1:], np.asarray(v).dtype)
                       for k, v in shapes_batch.items()}
         variables, var_shardings = sharding.init_sharded(task.init_variables, mesh, rules, init_rng, init_batch)
@@ -146,22 +161,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         start, restored = ckpt.restore_latest(checkpoint.abstract_like(state, state_shardings), data_iter)
         if start is not None:
             state = restored
-            print(f"Resumed from step {start} in {workdir}", flush=True)
+            console.write(f"Resumed from step {start} in {workdir}")
         start = int(start or 0)
         guard.start(state["nonfinite"])
         n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-        print(f"{config.task}: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
-              f"{sharding.unsharded_fraction(state['params']):.0%} of parameter bytes replicated, "
-              f"{steps} steps of {global_batch} examples", flush=True)
+        console.write(f"{config.task}: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
+                      f"{sharding.unsharded_fraction(state['params']):.0%} of parameter bytes replicated, "
+                      f"{steps} steps of {global_batch} examples")
 
         example_flops = task.train_flops_per_example(
             {k: (global_batch,) + np.shape(v)[1:] for k, v in shapes_batch.items()})
         device_kind = jax.devices()[0].device_kind
         if example_flops:
             peak = flops.peak_tflops(device_kind)
-            print(f"model FLOPs per training example: {example_flops / 1e9:.3g} GFLOP (analytic); "
-                  + (f"MFU against {peak} TFLOP/s bf16 peak per {device_kind}" if peak else
-                     f"no bf16 peak known for {device_kind!r}, so no MFU"), flush=True)
+            console.write(f"model FLOPs per training example: {example_flops / 1e9:.3g} GFLOP (analytic); "
+                          + (f"MFU against {peak} TFLOP/s bf16 peak per {device_kind}" if peak else
+                             f"no bf16 peak known for {device_kind!r}, so no MFU"))
 
         train_step = make_train_step(task, tx, schedule, dropout_rng)
         step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
@@ -179,13 +194,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             timer["eval"] += time.perf_counter() - t
             if results:
                 scalars = writer.write(step, results)
-                print(f"eval @ {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()), flush=True)
+                console.write(f"eval @ {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
             return results
 
+        console.start(start)
         for step in range(start + 1, steps + 1):
             state, step_metrics = step_fn(state, to_global(next(data_iter)))
+            console.advance(step)
             if step == start + 1:
-                print(f"first step (compile + run) took {time.perf_counter() - timer['t0']:.1f}s", flush=True)
+                console.write(f"first step (compile + run) took {time.perf_counter() - timer['t0']:.1f}s")
                 timer["t0"], timer["step0"] = time.perf_counter(), step
                 timer["side0"] = timer["eval"] + timer["ckpt"]
             if step % log_every == 0 or step == steps or ckpt.due(step):  # never save a bad state
@@ -204,8 +221,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 scalars["eval_time_share"] = timer["eval"] / max(wall, 1e-9)
                 scalars["checkpoint_time_share"] = timer["ckpt"] / max(wall, 1e-9)
                 writer.write(step, scalars)
-                eta = metrics_lib.format_eta(elapsed / done * (steps - step))
-                print(metrics_lib.format_line(step, steps, {**scalars, "eta": eta}, LOG_KEYS), flush=True)
+                console.log(step, scalars, elapsed / done, LOG_KEYS)  # a line, or the live bar's stats
                 timer["t0"], timer["step0"] = time.perf_counter(), step
                 timer["side0"] = timer["eval"] + timer["ckpt"]
             if eval_every and step % eval_every == 0 and step != steps:
@@ -217,8 +233,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         ckpt.close()
     writer.close()
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+        with paths.open(paths.join(workdir, "final_metrics.json"), "w") as f:
             json.dump({k: float(v) for k, v in final.items()}, f, indent=2)
+    console.summary(workdir, final, start, steps, ckpt.directory)
     return final
 
 
@@ -233,6 +250,9 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str, arg
                              "clusters that JAX detects by itself")
     parser.add_argument("--num_processes", type=int, default=None, help="with --coordinator_address")
     parser.add_argument("--process_id", type=int, default=None, help="with --coordinator_address")
+    parser.add_argument("--progress", choices=progress_lib.MODES, default=None,
+                        help="console output: a live progress bar, periodic 'step N/T | ...' lines, or "
+                             f"auto (the bar when stdout is a terminal; the default, or ${progress_lib.ENV_VAR})")
     args, rest = parser.parse_known_args(argv)
     stray = [a for a in rest if not a.startswith("--config.")]
     if stray:
@@ -249,8 +269,9 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str, arg
 def main(argv: Sequence[str] | None = None) -> None:
     config, workdir, args = parse_args(sys.argv[1:] if argv is None else argv)
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    final = train(config, workdir)
-    print("Final metrics: " + json.dumps({k: round(float(v), 4) for k, v in final.items()}), flush=True)
+    final = train(config, workdir, args.progress)
+    if jax.process_index() == 0:
+        print("Final metrics: " + json.dumps({k: round(float(v), 4) for k, v in final.items()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -39,7 +38,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmjax import checkpoint, pretrained
+from mmjax import checkpoint, paths, pretrained
 from mmjax.convert.engine import ConversionError, flatten, unstack_layers
 from mmjax.models import layers
 from mmjax.tasks import base
@@ -155,23 +154,24 @@ def init_rules(init: Mapping, model: Mapping, source: Sequence[str]) -> InitRule
 
 def read_source(path: str, step: int | None = None) -> tuple[dict[str, np.ndarray], str]:
     """(unscanned flat params as host arrays, a description) of a run workdir or model directory."""
-    path = os.path.expanduser(str(path))
-    if not os.path.exists(path):
+    path = paths.expand(str(path))  # a local path or a bucket URL (gs://...)
+    if not paths.exists(path):
         raise FileNotFoundError(f"init.source {path!r} does not exist (a run's workdir or a model directory "
                                 "written by mmjax-convert)")
-    if os.path.isfile(os.path.join(path, pretrained.CONFIG_FILE)):
+    # A model directory holds checkpoint/; a run (checkpoints/) also writes model_config.json.
+    if paths.isdir(paths.join(path, pretrained.CHECKPOINT_DIR)):
         if step is not None:
             raise ValueError(f"init.step={step} applies to run workdirs; {path} is a model directory")
         model, flat = pretrained.load_arrays(path)
         return unstack_layers(flat), f"model directory {path} ({type(model).__name__})"
-    run_like = os.path.isdir(path) and any(                  # a workdir, one step, or checkpoints/
-        n in ("checkpoints", "state") or n.isdigit() for n in os.listdir(path))
+    run_like = paths.isdir(path) and any(                  # a workdir, one step, or checkpoints/
+        n in ("checkpoints", "state") or n.isdigit() for n in paths.listdir(path))
     if not run_like:
         raise FileNotFoundError(f"init.source {path!r} is neither a run's workdir (no checkpoints/) nor a "
                                 f"model directory (no {pretrained.CONFIG_FILE})")
     step_dir = checkpoint.resolve_step_dir(path, step)  # the newest good step, or `step`
     params = checkpoint.restore_params(step_dir)
-    return unstack_layers(flatten(params)), f"{path} (step {os.path.basename(step_dir)})"
+    return unstack_layers(flatten(params)), f"{path} (step {paths.basename(step_dir)})"
 
 
 # ---------------------------------------------------------------------------------------------

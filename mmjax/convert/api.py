@@ -1,11 +1,17 @@
-"""Checkpoint conversion in both directions: which table serves which source and target."""
+"""Checkpoint conversion in both directions: which table serves which source and target.
+
+Exports read a model directory or a training workdir (`mmjax.runs`: the run's model at its
+newest good checkpoint or `step`); `save_run` turns a run into a model directory.
+"""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
-from mmjax import pretrained
-from mmjax.convert import beit, clip, dvae, engine, io, mae, vit
+from mmjax import inference_spec, paths, pretrained, runs
+from mmjax.convert import beit, clip, dvae, engine, io, library_configs, mae, vit
 from mmjax.convert.export import Export, as_export
 
 SOURCES = ("timm", "open_clip", "hf", "dall_e")
@@ -69,14 +75,39 @@ def import_checkpoint(source: str, checkpoint: str, output: str, model: str | No
         fields = pretrained.with_overrides(type(module), plan.fields, {"scan": True})
         module = pretrained.build(plan.model_class, fields)
         flat = engine.stack_layers(flat)
-    pretrained.save(output, module, engine.unflatten(flat), plan.inputs, plan.source, overwrite=overwrite)
+    described = {"class": plan.model_class, "fields": plan.fields, "inputs": plan.inputs, "source": plan.source}
+    processor = paths.join(checkpoint, "preprocessor_config.json") if source == "hf" else ""
+    processed = _read_json(processor) if processor and paths.isfile(processor) else None
+    inference = inference_spec.for_source(described, processed)
+    pretrained.save(output, module, engine.unflatten(flat), plan.inputs, plan.source, overwrite=overwrite,
+                    inference=inference)
     return plan
 
 
-def plan_export(target: str, directory: str) -> Export:
-    """How a model directory becomes a `target` checkpoint (with notes for the user); raises when
-    the target cannot express the model. Reads only model_config.json."""
-    config = pretrained.read_config(directory)
+def _read_json(path: str) -> dict:
+    with paths.open(path) as f:
+        return json.load(f)
+
+
+def save_run(workdir: str, output: str, step: int | None = None, which: str = "params", *,
+             scan: bool | None = None, overwrite: bool = False) -> dict:
+    """Writes a training run's model (newest good checkpoint, or `step`) as a model directory,
+    with its inference keys; returns the written model_config.json."""
+    step = runs.resolve_step(workdir, step)
+    config = runs.read_model_config(workdir)
+    model, flat = pretrained.load_arrays(workdir, step=step, which=which, **({} if scan is None else {"scan": scan}))
+    source = {"library": "mmjax", "run": paths.absolute(workdir), "step": step, "which": which,
+              "task": config["source"].get("task")}
+    inference = {k: config.get(k) for k in inference_spec.KEYS}
+    pretrained.save(output, model, engine.unflatten(flat), config["inputs"], source, overwrite=overwrite,
+                    inference=inference)
+    return pretrained.read_config(output)
+
+
+def plan_export(target: str, path: str) -> Export:
+    """How a model directory or run becomes a `target` checkpoint (with notes for the user);
+    raises when the target cannot express the model. Reads no parameters."""
+    config = pretrained.model_config(path)
     exporter = EXPORTS.get((config["class"], target))
     if exporter is None:
         known = sorted(t for c, t in EXPORTS if c == config["class"])
@@ -84,14 +115,37 @@ def plan_export(target: str, directory: str) -> Export:
     return as_export(exporter(config))
 
 
-def export_checkpoint(target: str, directory: str, output: str) -> dict[str, np.ndarray]:
-    """Writes an mmjax model directory as a `target` state dict file (for hf: a model folder)."""
-    spec = plan_export(target, directory)
-    unscanned = {"scan": False} if "scan" in pretrained.read_config(directory)["fields"] else {}   # dVAE: no stack
-    _, params = pretrained.load_arrays(directory, **unscanned)
+def export_checkpoint(target: str, path: str, output: str, step: int | None = None,
+                      which: str = "params") -> dict[str, np.ndarray]:
+    """Writes a model directory or run as a `target` state dict file (for hf: a model folder);
+    open_clip and plain timm ViTs also get the config that builds the model (library_configs)."""
+    spec = plan_export(target, path)
+    config = pretrained.model_config(path)
+    unscanned = {"scan": False} if "scan" in config["fields"] else {}   # dVAE: no stack
+    _, params = pretrained.load_arrays(path, step=step, which=which, **unscanned)
     state = spec.state_dict(params, what=f"{target} state dict")
     if target == "hf":
-        io.write_hf_folder(output, spec.hf_config, state)
-    else:
-        io.write_state_dict(output, state)
+        io.write_hf_folder(output, _with_inference(spec.hf_config, config), state)
+        return state
+    io.write_state_dict(output, state)
+    sidecar = (library_configs.open_clip_config(config) if target == "open_clip"
+               else library_configs.timm_vit_config(config) if target == "timm" else None)
+    if sidecar is not None:
+        with paths.open(library_configs.sidecar_path(output), "w") as f:
+            json.dump(sidecar, f, indent=2)
     return state
+
+
+def _with_inference(hf_config: dict, config: dict) -> dict:
+    """The transformers config with what the model directory knows: class names as id2label, and
+    CLIP's end-of-text id from its tokenizer (transformers pools text there)."""
+    hf_config = json.loads(json.dumps(hf_config))
+    known = inference_spec.spec(config)
+    names = known["class_names"]
+    if names and "id2label" in hf_config and len(hf_config["id2label"]) == len(names):
+        hf_config["id2label"] = {str(i): n for i, n in enumerate(names)}
+        hf_config["label2id"] = {n: i for i, n in enumerate(names)}
+    if known["tokenizer"] and "text_config" in hf_config and config["source"].get("library") != "hf":
+        from mmjax.data import tokenizers
+        hf_config["text_config"]["eos_token_id"] = int(tokenizers.build_tokenizer(known["tokenizer"]).eot_token_id)
+    return hf_config

@@ -6,6 +6,11 @@
     mmjax-convert --source dall_e --model encoder --checkpoint dall_e_encoder.pt --output DIR
     mmjax-convert --to timm --input DIR --output model.safetensors
     mmjax-convert --to hf --input DIR --output HF_MODEL_FOLDER     (ViT, CLIP, MAE, BEiT)
+
+A training workdir (mmjax-train --workdir) works as --input too: its newest good checkpoint, or
+--step N; without --to it becomes a model directory:
+    mmjax-convert --input runs/clip --output clip_model_dir
+    mmjax-convert --to open_clip --input runs/clip [--step 1500] --output clip.safetensors   (+ clip.json)
 """
 
 from __future__ import annotations
@@ -20,16 +25,22 @@ EXPORT_TARGETS = ("timm", "open_clip", "hf", "dall_e")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmjax-convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    direction = p.add_mutually_exclusive_group(required=True)
+    direction = p.add_mutually_exclusive_group()
     direction.add_argument("--source", choices=("timm", "open_clip", "hf", "dall_e"),
                            help="convert a PyTorch checkpoint of this library into an mmjax model directory")
     direction.add_argument("--to", choices=EXPORT_TARGETS,
-                           help="convert an mmjax model directory into a state dict of this library")
+                           help="convert an mmjax model directory or training workdir into a state dict of "
+                                "this library (open_clip and timm ViTs: plus OUTPUT's stem .json, the config "
+                                "that builds the model)")
     p.add_argument("--model", help="timm / open_clip model name (or an open_clip config .json), "
                                    "dall_e: encoder or decoder; "
                                    "not needed for hf, whose config.json names the architecture")
     p.add_argument("--checkpoint", help="state dict file (.safetensors, .bin, .pth), or a transformers folder")
-    p.add_argument("--input", help="mmjax model directory (with --to)")
+    p.add_argument("--input", help="mmjax model directory or training workdir (with --to); a workdir "
+                                   "alone becomes a model directory")
+    p.add_argument("--step", type=int, help="with a workdir: this checkpoint step (default: the newest good one)")
+    p.add_argument("--which", choices=("params", "ema"), default="params",
+                   help="with a workdir: the trained parameters, or the EMA ones a task keeps")
     p.add_argument("--output", required=True,
                    help="mmjax model directory (with --source); state dict file or, for hf, a folder (with --to)")
     p.add_argument("--scan", action="store_true", help="store layers stacked for nn.scan")
@@ -42,8 +53,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.source and not args.checkpoint:
         parser.error("--source needs --checkpoint")
+    if not (args.source or args.to or args.input):
+        parser.error("one of --source, --to, or --input (a training workdir) is required")
     if args.to and not args.input:
         parser.error("--to needs --input")
+    if (args.step is not None or args.which != "params") and not args.input:
+        parser.error("--step and --which apply to --input")
     from mmjax.convert import api  # after argument checks: importing jax takes a moment
     try:
         if args.source:
@@ -53,11 +68,26 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(f"note: {note}")
             print(f"Wrote {plan.model_class.rsplit('.', 1)[-1]} from {args.source} {args.model or args.checkpoint} "
                   f"to {args.output}; load it with mmjax.load({args.output!r})")
+        elif not args.to:
+            from mmjax import runs
+            if not runs.is_run(args.input):
+                parser.error(f"--input {args.input} is not a training workdir; to export a model directory "
+                             "name a target with --to")
+            config = api.save_run(args.input, args.output, args.step, args.which,
+                                  scan=True if args.scan else None, overwrite=args.overwrite)
+            print(f"Wrote {config['class'].rsplit('.', 1)[-1]} of run {args.input} (step {config['source']['step']}, "
+                  f"{args.which}) to {args.output}; load it with mmjax.load({args.output!r})")
         else:
-            state = api.export_checkpoint(args.to, args.input, args.output)
+            state = api.export_checkpoint(args.to, args.input, args.output, args.step, args.which)
             for note in api.plan_export(args.to, args.input).notes:
                 print(f"note: {note}")
             print(f"Wrote {len(state)} tensors for {args.to} to {args.output}")
+            from mmjax import pretrained
+            from mmjax.convert import library_configs
+            if args.to == "open_clip" or (args.to == "timm" and library_configs.timm_vit_config(
+                    pretrained.model_config(args.input)) is not None):
+                print(f"and the {args.to} model config to {library_configs.sidecar_path(args.output)} "
+                      "(how to use it: mmjax/convert/library_configs.py)")
     except (ValueError, OSError) as e:      # ConversionError is a ValueError
         print(f"mmjax-convert: error: {e}", file=sys.stderr)
         raise SystemExit(1) from e

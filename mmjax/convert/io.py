@@ -3,6 +3,7 @@
 `.safetensors` files are read and written with the `safetensors` package alone (no torch);
 `.bin` / `.pth` / `.pt` pickles and TorchScript archives (OpenAI's original CLIP files) need
 torch, imported only then. Hugging Face model folders are read as config.json plus weights.
+Files and folders may be in a bucket (gs://..., see `mmjax.paths`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from mmjax import paths
 from mmjax.convert.engine import ConversionError
 
 TORCH_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
@@ -27,6 +29,11 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     Wrappers are removed: a {"state_dict": ...} or {"model": ...} top level, and a "module."
     prefix on every key (DistributedDataParallel).
     """
+    if paths.is_remote(path):  # gs://...: read from a temporary local copy
+        if not paths.isfile(path):
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        with paths.local_copy(path) as local:
+            return read_state_dict(local)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
@@ -99,6 +106,10 @@ def _is_torchscript(path: str) -> bool:
 
 def write_state_dict(path: str, state: Mapping[str, np.ndarray]) -> None:
     """Writes .safetensors (no torch needed) or, for .bin/.pth/.pt, a torch.save'd dict of tensors."""
+    if paths.is_remote(path):  # gs://...: written locally, then uploaded
+        with paths.local_target(path) as local:
+            write_state_dict(local, state)
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     arrays = {k: np.asarray(v, order="C") for k, v in state.items()}
     if path.endswith(".safetensors"):
@@ -112,27 +123,27 @@ def write_state_dict(path: str, state: Mapping[str, np.ndarray]) -> None:
 
 def read_hf_folder(folder: str) -> tuple[dict, dict[str, np.ndarray]]:
     """(config.json as a dict, state dict) of a Hugging Face `transformers` model folder."""
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isdir(folder) or not os.path.isfile(config_path):
+    config_path = paths.join(folder, "config.json")
+    if not paths.isdir(folder) or not paths.isfile(config_path):
         raise FileNotFoundError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    with open(config_path) as f:
+    with paths.open(config_path) as f:
         config = json.load(f)
     for name in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.isfile(os.path.join(folder, name)):
-            return config, read_state_dict(os.path.join(folder, name))
+        if paths.isfile(paths.join(folder, name)):
+            return config, read_state_dict(paths.join(folder, name))
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if os.path.isfile(os.path.join(folder, index)):
-            with open(os.path.join(folder, index)) as f:
+        if paths.isfile(paths.join(folder, index)):
+            with paths.open(paths.join(folder, index)) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             state = {}
             for shard in shards:
-                state.update(read_state_dict(os.path.join(folder, shard)))
+                state.update(read_state_dict(paths.join(folder, shard)))
             return config, state
     raise FileNotFoundError(f"{folder} has config.json but no model.safetensors or pytorch_model.bin")
 
 
 def write_hf_folder(folder: str, config: dict, state: Mapping[str, np.ndarray]) -> None:
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
+    paths.makedirs(folder, exist_ok=True)
+    with paths.open(paths.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    write_state_dict(os.path.join(folder, "model.safetensors"), state)
+    write_state_dict(paths.join(folder, "model.safetensors"), state)

@@ -2,7 +2,8 @@
 
 Each JSONL line is `{"image": "relative/path.jpg", "caption": "..."}` or
 `{"image": ..., "captions": ["...", ...]}` (the first caption is used). Paths
-are relative to `image_dir` (absolute paths are kept).
+are relative to `image_dir` (absolute paths are kept). Both may be in a bucket
+(`gs://bucket/images`, see `mmjax.paths`); the images there are listed once, not checked one by one.
 
 Bad entries do not stop a run and are never silent: lines that are not JSON, lack a
 caption or name a missing image are skipped when the source is built (one warning with
@@ -22,6 +23,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from mmjax import paths
 from mmjax.data.webdataset import SkipCounter
 
 log = logging.getLogger(__name__)
@@ -31,18 +33,19 @@ class FolderSource:
     """Returns `{"image": uint8 (H, W, 3) RGB, "caption": str}`, or None for an unreadable image."""
 
     def __init__(self, image_dir: str | os.PathLike, captions: str | os.PathLike):
-        image_dir = os.path.expanduser(os.fspath(image_dir))
-        captions = os.path.expanduser(os.fspath(captions))
-        if not os.path.isdir(image_dir):
+        image_dir = paths.expand(os.fspath(image_dir))
+        captions = paths.expand(os.fspath(captions))
+        if not paths.isdir(image_dir):
             raise FileNotFoundError(f"folder data: image_dir {image_dir!r} is not a directory")
-        if not os.path.isfile(captions):
+        if not paths.isfile(captions):
             raise FileNotFoundError(f"folder data: captions file {captions!r} does not exist")
         self._image_dir = image_dir
         self._unreadable = SkipCounter("folder data")
         records, problems = _read_jsonl(captions)
         self._records = []
+        present = paths.existing_files([paths.join(image_dir, image) for _, image, _ in records])
         for line_number, image, caption in records:
-            if os.path.isfile(os.path.join(image_dir, image)):
+            if paths.join(image_dir, image) in present:
                 self._records.append((image, caption))
             else:
                 problems.append((line_number, "missing image", f"{image!r} is not in {image_dir!r}"))
@@ -63,7 +66,7 @@ class FolderSource:
     def __getitem__(self, index: int) -> dict | None:
         path = self._path(index)
         try:
-            with Image.open(path) as image:
+            with paths.open(path, "rb") as f, Image.open(f) as image:
                 array = np.asarray(image.convert("RGB"), dtype=np.uint8)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             self._unreadable.skip(f"unreadable image ({type(e).__name__})", f"{path!r} (example {index})")
@@ -79,13 +82,13 @@ class FolderSource:
         return f"FolderSource(image_dir={self._image_dir!r}, num_examples={len(self)})"
 
     def _path(self, index: int) -> str:
-        return os.path.join(self._image_dir, self._records[index][0])
+        return paths.join(self._image_dir, self._records[index][0])
 
 
 def _read_jsonl(path: str) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str]]]:
     """(line, image path, caption) of the usable lines, and (line, kind, detail) of the others."""
     records, problems = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with paths.open(path, encoding="utf-8", errors="replace") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

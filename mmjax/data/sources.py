@@ -7,14 +7,20 @@ Supported configs:
   `num_train`, `num_test`; `"mmjax_shapes/64px"` also selects the size).
 * `{"name": "<any tfds name>", "split": ..., "data_dir": ...}` -- a TFDS data set
   that is already prepared (array_record) in `data_dir`. Nothing is downloaded.
+  `cache=True` decodes the split once into host memory (see `mmjax.data.in_memory`);
+  the embedded shapes data set is cached unless `cache=False`.
 * `{"name": "folder", "image_dir": ..., "captions": "captions.jsonl"}` -- a
   user's own images and captions (see `mmjax.data.folder`).
+* `{"name": "folder", "image_dir": ...}` (no captions) -- a user's labelled images, one
+  sub-folder per class as torchvision's ImageFolder (see `mmjax.data.image_folder`; optional
+  `split`, `holdout`, `seed`).
 * `{"name": "webdataset", "shards": "/data/{00000..00099}.tar"}` -- tar shards as
   img2dataset writes them (see `mmjax.data.webdataset`); training streams them,
   the random-access source here is for evaluation.
 
 Sources are sequences of example dicts (`len(src)`, `src[i]`); TFDS text
-features come back as `str` rather than `bytes`.
+features come back as `str` rather than `bytes`. Any data config may name a
+`class_names_file` (one name per line) that replaces the class names evaluators see.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import read_only_builder
 
-from mmjax.data import shapes, webdataset
+from mmjax import paths
+from mmjax.data import image_folder, shapes, webdataset
+from mmjax.data.in_memory import InMemorySource
 from mmjax.data.folder import FolderSource
 
 SHAPES_NAME = "mmjax_shapes"
@@ -41,6 +49,9 @@ def get_source(data_config: DataConfig) -> Sequence[dict]:
     """Returns the random-access source that `data_config` describes."""
     name = _require(data_config, "name")
     if name == FOLDER_NAME:
+        if data_config.get("captions") is None:
+            _require(data_config, "image_dir")
+            return image_folder.ImageFolderSource(data_config)
         return FolderSource(_require(data_config, "image_dir"), _require(data_config, "captions"))
     if name == WEBDATASET_NAME:
         return webdataset.WebDatasetSource(webdataset.expand_shards(_require(data_config, "shards")))
@@ -55,12 +66,36 @@ def get_source(data_config: DataConfig) -> Sequence[dict]:
             f"{builder.info.file_format.value}, which has no random access; prepare it with "
             f"`--file_format=array_record`."
         ) from e
-    return _TextDecodingSource(source, _text_paths(builder.info.features))
+    source = _TextDecodingSource(source, _text_paths(builder.info.features))
+    cache = data_config.get("cache")
+    if cache is None:
+        cache = name.split("/")[0] == SHAPES_NAME
+    return InMemorySource(source) if cache else source
 
 
 def class_names(data_config: DataConfig) -> list[str] | None:
-    """Names of the `label` ClassLabel feature, or None when there is no such feature."""
-    if _require(data_config, "name") in (FOLDER_NAME, WEBDATASET_NAME):
+    """Class names for evaluators: `class_names_file` if the config names one, else the folder
+    names of a class-per-folder source (`_` read as a space) or the names of a TFDS `label`
+    ClassLabel feature; None when the data has no classes."""
+    names = _own_class_names(data_config)
+    path = data_config.get("class_names_file")
+    if path is None:
+        return names
+    from mmjax.evaluate.zeroshot import read_class_names  # the reader lives with its main user
+
+    listed = read_class_names(os.path.expanduser(os.fspath(path)))
+    if names is not None and len(listed) != len(names):
+        raise ValueError(f"class_names_file {path!r} has {len(listed)} names, but the data set "
+                         f"{data_config.get('name')!r} has {len(names)} classes")
+    return listed
+
+
+def _own_class_names(data_config: DataConfig) -> list[str] | None:
+    name = _require(data_config, "name")
+    if name == FOLDER_NAME and data_config.get("captions") is None:
+        _require(data_config, "image_dir")
+        return image_folder.display_names(image_folder.find_classes(image_folder.class_root(data_config)))
+    if name in (FOLDER_NAME, WEBDATASET_NAME):
         return None
     features = _builder(data_config).info.features
     label = features["label"] if "label" in features else None  # noqa: SIM401 - FeaturesDict
@@ -87,6 +122,8 @@ def _builder(data_config: DataConfig) -> tfds.core.DatasetBuilder:
     data_dir = data_config.get("data_dir")
     if data_dir is not None:
         data_dir = os.path.expanduser(os.fspath(data_dir))
+        if paths.is_remote(data_dir):  # gs://...: array_record reads local files only
+            data_dir = _cached_tfds_dir(data_dir, name)
     if name.split("/")[0] == SHAPES_NAME:
         return _shapes_builder(data_config, data_dir)
     try:
@@ -98,6 +135,18 @@ def _builder(data_config: DataConfig) -> tfds.core.DatasetBuilder:
             f"data_dir {where!r}. mmjax never downloads data: prepare it there first, e.g. "
             f"`tfds build {name} --data_dir={where} --file_format=array_record`."
         ) from e
+
+
+def _cached_tfds_dir(url: str, name: str) -> str:
+    """A local data_dir holding a copy of data set `name` of the bucket data_dir `url` (each
+    host copies it once; unchanged files are not fetched again; see `paths.cache_locally`)."""
+    folder = paths.join(url, name.split("/")[0].split(":")[0])
+    if not paths.isdir(folder):
+        raise FileNotFoundError(
+            f"TFDS data set {name!r} is not prepared in data_dir {url!r} (no {folder}). mmjax never "
+            f"downloads data: prepare it there first, e.g. `tfds build {name} --data_dir={url} "
+            "--file_format=array_record`.")
+    return os.path.dirname(paths.cache_locally(folder))
 
 
 def _shapes_builder(data_config: DataConfig, data_dir: str | None) -> tfds.core.DatasetBuilder:

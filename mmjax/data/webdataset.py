@@ -4,7 +4,8 @@ A shard is a plain tar file; the files of one example share a key (the name up t
 dot): `000123.jpg` (or .jpeg, .png, .webp) with `000123.txt` (the caption) or `000123.json`
 (a "caption" field). Configure `data=dict(name="webdataset", shards="/data/cc3m/{00000..00331}.tar")`;
 `shards` takes `{a..b}` ranges (zero padding kept), `{x,y}` alternatives, glob patterns, or a
-list of paths. The `webdataset` package is not needed.
+list of paths, local or in a bucket (`gs://bucket/cc3m/{00000..00331}.tar`, see `mmjax.paths`).
+The `webdataset` package is not needed.
 
 Training streams the shards (`WebDatasetStream`): every epoch the shard list is shuffled with
 the seed, process p of P takes shards p, p + P, ... of it, and reads each shard's examples in
@@ -33,6 +34,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from mmjax import paths as mmjax_paths  # `paths` names shard lists here
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 log = logging.getLogger(__name__)
 
@@ -44,15 +47,16 @@ def expand_shards(spec: str | Sequence[str] | None) -> list[str]:
     patterns = [spec] if isinstance(spec, str) else list(spec)
     paths = []
     for pattern in patterns:
-        for expanded in _expand_braces(os.path.expanduser(str(pattern))):
+        for expanded in _expand_braces(mmjax_paths.expand(str(pattern))):
             if glob.has_magic(expanded):
-                matches = sorted(glob.glob(expanded))
+                matches = mmjax_paths.glob(expanded)
                 if not matches:
                     raise FileNotFoundError(f"webdataset: no shard matches {expanded!r}")
                 paths.extend(matches)
             else:
                 paths.append(expanded)
-    missing = [p for p in paths if not os.path.isfile(p)]
+    present = mmjax_paths.existing_files(paths)  # one listing per folder in a bucket
+    missing = [p for p in paths if p not in present]
     if missing:
         raise FileNotFoundError(f"webdataset: {len(missing)} of {len(paths)} shards do not exist, "
                                 f"e.g. {missing[0]!r} (from shards={spec!r})")
@@ -74,6 +78,15 @@ def _expand_braces(pattern: str) -> list[str]:
     else:
         options = body.split(",")
     return [x for option in options for x in _expand_braces(head + option + tail)]
+
+
+def open_shard(path: str) -> tarfile.TarFile:
+    """The tar file of a shard, local or in a bucket (read with seeks; closing it closes both)."""
+    if not mmjax_paths.is_remote(path):
+        return tarfile.open(path)  # noqa: SIM115 - the caller closes it
+    tar = tarfile.open(fileobj=mmjax_paths.open(path, "rb"))  # noqa: SIM115 - the caller closes it
+    tar._extfileobj = False  # noqa: SLF001 - so that tar.close() also closes the object's file
+    return tar
 
 
 class SkipCounter:
@@ -205,7 +218,7 @@ class _StreamIterator(grain.DatasetIterator):
         if self._open is None or self._open[0] != token:
             self.close()
             path = self._stream.shards[shard_id]
-            tar = tarfile.open(path)  # noqa: SIM115 - open while this shard is read
+            tar = open_shard(path)
             examples = index_shard(tar, path)
             order = np.random.default_rng([self._stream.seed, self._epoch, shard_id]).permutation(len(examples))
             self._open = (token, tar, examples, order)
@@ -236,7 +249,7 @@ class WebDatasetSource:
         self._tars: dict[str, tarfile.TarFile] = {}
         self._index = []
         for shard in self._shards:
-            with tarfile.open(shard) as tar:
+            with open_shard(shard) as tar:
                 self._index += [(shard, members, key) for key, members in index_shard(tar, shard)]
         if not self._index:
             raise ValueError(f"webdataset: the {len(self._shards)} shards hold no examples")
@@ -248,7 +261,7 @@ class WebDatasetSource:
     def __getitem__(self, index: int) -> dict | None:
         shard, members, key = self._index[index]
         if shard not in self._tars:
-            self._tars[shard] = tarfile.open(shard)  # noqa: SIM115 - kept for later reads
+            self._tars[shard] = open_shard(shard)
         example, problem = decode_example(self._tars[shard], members)
         if example is None:
             self._skips.skip(problem, f"{key} in {shard}")

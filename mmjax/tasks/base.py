@@ -36,6 +36,12 @@ class Task:
     def evaluate(self, params: Any, mesh: Mesh) -> dict[str, float]:
         raise NotImplementedError
 
+    def model_description(self, batch: dict[str, Any]) -> dict:
+        """How `mmjax.load(WORKDIR)` rebuilds the trained model: {"module": the flax module,
+        "inputs": its init's example inputs (batch 1; `input_spec`), "params_key": the subtree of
+        the train state's params that holds it, or None for all}. `batch`: arrays or shape structs."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its model, so its runs cannot be loaded")
+
     def train_flops_per_example(self, batch_shapes: dict[str, tuple[int, ...]]) -> float | None:
         """Analytic model FLOPs of one training example (forward + backward; see mmjax.flops).
 
@@ -43,6 +49,11 @@ class Task:
         in which case the trainer logs no TFLOP/s or MFU.
         """
         return None
+
+
+def input_spec(x: Any, dtype: Any = None) -> dict:
+    """The spec of one example of batch array `x` (mmjax.pretrained's format: batch dim 1)."""
+    return {"shape": [1, *(int(d) for d in x.shape[1:])], "dtype": str(np.dtype(dtype or x.dtype))}
 
 
 def fetch(tree: Any) -> Any:

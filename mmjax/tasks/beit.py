@@ -124,6 +124,10 @@ class BEiTTask(base.Task):
             variables["tokenizer"] = jax.tree.map(jnp.asarray, self._tokenizer_params)
         return {"params": variables}
 
+    def model_description(self, batch):
+        """The BEiT alone (params["beit"]); the frozen tokenizer is not part of the model."""
+        return {"module": self.model, "inputs": [base.input_spec(batch["image"])], "params_key": "beit"}
+
     def loss(self, params, batch, rng):
         mask_rng, dropout_rng = jax.random.split(rng)
         images = batch["image"]

@@ -60,6 +60,9 @@ class ClassificationTask(base.Task):
         accuracy = (logits.argmax(-1) == truth).mean()
         return loss, {"batch_top1": accuracy}
 
+    def model_description(self, batch):
+        return {"module": self.model, "inputs": [base.input_spec(batch["image"])], "params_key": None}
+
     def train_flops_per_example(self, batch_shapes):
         image_hw = tuple(batch_shapes["image"][1:3])
         return flops.TRAIN_FACTOR * flops.total(flops.vit_flops(self.model, image_hw, train=True))
@@ -68,6 +71,12 @@ class ClassificationTask(base.Task):
         evals = self.config.get("evals", {})
         if "top1" not in evals:
             return {}
+        from mmjax.data import sources  # the data stack is only needed once evaluation runs
+
+        names = sources.class_names(evals.top1.data)   # folder names, class_names_file or TFDS's
+        if names and len(names) > self.model.num_classes:
+            raise ValueError(f"evals.top1 data has {len(names)} classes but the model has "
+                             f"model.num_classes={self.model.num_classes}")
         correct = counted = 0
         logits_fn = functools.partial(self._logits, {"params": params})
         for batch, logits in base.run_over_split(evals.top1, mesh, lambda b: logits_fn(b["image"])):

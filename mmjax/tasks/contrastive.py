@@ -57,6 +57,10 @@ class ContrastiveTask(base.Task):
         metrics["logit_scale"] = out[2]
         return loss, metrics
 
+    def model_description(self, batch):
+        inputs = [base.input_spec(batch["image"]), base.input_spec(batch["text"])]
+        return {"module": self.model, "inputs": inputs, "params_key": None}
+
     def train_flops_per_example(self, batch_shapes):
         parts = flops.clip_flops(self.model, tuple(batch_shapes["image"][1:3]), batch_shapes["text"][1],
                                  batch_size=batch_shapes["image"][0], train=True)
@@ -88,10 +92,15 @@ class ContrastiveTask(base.Task):
     def _zeroshot(self, params, mesh, cfg):
         from mmjax.data import sources
 
-        names = list(cfg.get("class_names") or sources.class_names(cfg.data) or [])
+        own = sources.class_names(cfg.data)     # folder names, data.class_names_file or TFDS's
+        names = list(cfg.get("class_names") or own or [])
         if not names:
             raise ValueError(f"Zero-shot eval on {cfg.data.name} needs class names: the data set has "
-                             "no 'label' ClassLabel feature; set evals.zeroshot.class_names")
+                             "no 'label' ClassLabel feature or class folders; set "
+                             "evals.zeroshot.class_names or evals.zeroshot.data.class_names_file")
+        if own and len(own) != len(names):
+            raise ValueError(f"evals.zeroshot.class_names has {len(names)} names, but the data set has "
+                             f"{len(own)} classes")
         class_embs = zeroshot.class_embeddings(
             lambda texts: self.encode_texts(params, texts, mesh=mesh), names, list(cfg.templates))
         embs, labels = [], []

@@ -48,6 +48,12 @@ class MAETask(base.Task):
         images = batch["image"]
         return self.model.init({"params": rng}, images, self._noise(rng, images))
 
+    def model_description(self, batch):
+        image = batch["image"]
+        grid = (image.shape[1] // self.patch) * (image.shape[2] // self.patch)
+        noise = {"shape": [1, grid], "dtype": "float32"}
+        return {"module": self.model, "inputs": [base.input_spec(image), noise], "params_key": None}
+
     def loss(self, params, batch, rng):
         mask_rng, dropout_rng = jax.random.split(rng)
         images = batch["image"]
