@@ -128,7 +128,7 @@ def timm_pp(model: str, size: int) -> str:
 def for_source(model_config: Mapping, hf_processor: Mapping | None = None) -> dict[str, Any]:
     """Inference keys of a converted checkpoint, from its source library and model."""
     source, size = model_config.get("source") or {}, image_size(model_config)
-    library, out = source.get("library"), {k: None for k in KEYS}
+    library, out = source.get("library"), dict.fromkeys(KEYS)
     clip = model_config["class"] == CLIP_CLASS
     if clip:
         out["tokenizer"] = {"name": "clip", "context_length": int(model_config["fields"]["text"]["context_length"])}

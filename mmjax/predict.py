@@ -3,6 +3,7 @@
     mmjax-predict --model clip_b16 --images 'photos/*.jpg' --classes cat,dog,car [--top-k 3]
     mmjax-predict --model runs/vit --images photos/ --json
     mmjax-predict --model clip_b16 --eval-folder labelled/ [--split val]   # top-1 over class folders
+    mmjax-predict --model clip_b16 --images 'gs://bucket/photos/*.jpg' --classes cat,dog  # bucket too
 
 CLIP-like models (inference_spec kind "contrastive") classify zero-shot: each class name goes
 through the prompt templates and the model's tokenizer, the class embedding is the mean of the
@@ -19,26 +20,32 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from mmjax import paths
 from mmjax.data import image_folder
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 def image_files(patterns: Sequence[str]) -> list[str]:
-    """Files named by paths, glob patterns or folders (their images, recursively), in order."""
+    """Files named by paths, glob patterns or folders (their images, recursively), in order; local
+    or in a bucket (`gs://bucket/photos/*.jpg`, through `mmjax.paths`)."""
     files: list[str] = []
     for pattern in patterns:
-        pattern = os.path.expanduser(pattern)
-        if os.path.isdir(pattern):
+        pattern = paths.expand(pattern)
+        if paths.isdir(pattern):
             found = [p for p in image_folder.files_under(pattern) if image_folder.is_image_file(p)]
         elif glob.has_magic(pattern):
-            found = [p for p in sorted(glob.glob(pattern)) if not os.path.isdir(p)]
+            matches = paths.glob(pattern)
+            if paths.is_remote(pattern):     # one listing per folder, not a request per match
+                objects = paths.existing_files(matches)
+                found = [p for p in matches if p in objects]
+            else:
+                found = [p for p in matches if not paths.isdir(p)]
         else:
             found = [pattern]       # a missing file is reported with the unreadable ones
         if not found:

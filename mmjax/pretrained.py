@@ -179,7 +179,8 @@ def inference_spec(path: str, step: int | None = None) -> dict:
     """{"preprocess": pp str | None, "tokenizer": spec dict | None, "class_names": list | None,
     "kind": "contrastive" | "classifier" | "other"} of a model directory or run (see
     mmjax.inference_spec); `step` is checked to exist in a run."""
-    from mmjax import inference_spec as spec, runs
+    from mmjax import inference_spec as spec
+    from mmjax import runs
     if runs.is_run(path):
         if step is not None:
             runs.resolve_step(path, step)

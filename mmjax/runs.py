@@ -71,7 +71,7 @@ def _first_pp(evals: Mapping) -> str | None:
 def inference_keys(config: ml_collections.ConfigDict, model_config: Mapping) -> dict:
     """preprocess: the evaluation pp on the image alone; tokenizer: the training one;
     class_names: from the training data (else the evaluation data) for classifiers and CLIPs."""
-    from mmjax.data import sources   # the data stack, only when a run is described
+    from mmjax.data import sources  # the data stack, only when a run is described
 
     evals = config.get("evals") or {}
     evals = evals.to_dict() if hasattr(evals, "to_dict") else dict(evals)

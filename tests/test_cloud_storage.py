@@ -12,7 +12,9 @@ pointed at it through environment variables, with no credentials. Checked here:
   uninterrupted local run (state and every logged loss); metrics.jsonl, TensorBoard, config.json
   and final_metrics.json are in the bucket and nothing was written to a local "gs:" folder;
 * mmjax.load and mmjax-convert (both directions) with model directories and files in the bucket;
-* webdataset shards and folder (JSONL) data in the bucket.
+* webdataset shards and folder (JSONL) data in the bucket;
+* class-per-folder data in the bucket (split folders, holdout) equal to the same folders on local
+  disk, and mmjax-predict's gs:// globs and folders.
 """
 
 import io
@@ -394,3 +396,81 @@ def test_webdataset_and_folder_data_in_a_bucket(gcs):
     data = folder.FolderSource(_url("folder", "images"), _url("folder", "captions.jsonl"))
     assert len(data) == 3 and data.skipped == {"missing image": 1}
     assert data[2]["caption"] == "image 2" and data[2]["image"][0, 0].tolist() == [100, 0, 0]
+
+
+def _relative_examples(source, root):
+    """(path relative to the data root, label, image or None) of every example of a source."""
+    out = []
+    for i, label in enumerate(source.labels):
+        path = source.path(i)
+        assert path.startswith(root.rstrip("/") + "/")
+        example = source[i]
+        image = None if example is None else example["image"].tolist()
+        assert example is None or example["label"] == label
+        out.append((path[len(root.rstrip("/")) + 1:], label, image))
+    return out
+
+
+def test_class_folders_and_predict_images_in_a_bucket(gcs, tmp_path):
+    """A class-per-folder data set (split folders, holdout) read from the bucket gives the same
+    classes, examples, labels and images as the same folders on local disk; mmjax-predict expands
+    gs:// globs and folders as it does local ones."""
+    from mmjax import predict
+    from mmjax.data import sources
+
+    files = {}
+    for split, count in (("train", 3), ("val", 2)):
+        for c, name in enumerate(["cat", "dog", "golden_retriever"]):
+            for i in range(count):
+                sub = "nested/" if i == 2 else ""
+                files[f"{split}/{name}/{sub}{i}.png"] = _png((c * 80, i * 30, 100 if split == "val" else 0))
+    # torchvision's order walks folders by path (cat/nested before cat/nested-b), not by file path
+    files["train/cat/nested-b/3.png"] = _png((1, 2, 3))
+    files["train/cat/notes.txt"] = b"not an image"
+    files["train/dog/broken.jpg"] = b"\xff\xd8\xff\xe0 truncated"
+    local = tmp_path / "class_folders"
+    fs = paths.filesystem(_url())
+    for relative, data in files.items():
+        (local / relative).parent.mkdir(parents=True, exist_ok=True)
+        (local / relative).write_bytes(data)
+        fs.pipe_file(_url("class_folders", relative), data)
+
+    url = _url("class_folders")
+    for sub, extra in (("", {"split": "train"}), ("", {"split": "val"}), ("train", {}),
+                       ("train/", {"split": "holdout", "holdout": 0.4, "seed": 3}),
+                       ("train", {"split": "train", "holdout": 0.4, "seed": 3})):
+        local_config = {"name": "folder", "image_dir": os.path.join(local, sub), **extra}
+        remote_config = {"name": "folder", "image_dir": f"{url}/{sub}" if sub else url, **extra}
+        expected, got = sources.get_source(local_config), sources.get_source(remote_config)
+        assert got.classes == expected.classes == ["cat", "dog", "golden_retriever"]
+        assert got.labels == expected.labels and got.skipped == expected.skipped
+        assert (_relative_examples(got, paths.resolve(remote_config["image_dir"]))
+                == _relative_examples(expected, os.path.join(local, sub)))
+        assert sources.class_names(remote_config) == ["cat", "dog", "golden retriever"]
+    train = sources.get_source({"name": "folder", "image_dir": _url("class_folders", "train")})
+    assert [train.path(i)[len(url) + 1:] for i in range(4)] == [
+        "train/cat/0.png", "train/cat/1.png", "train/cat/nested/2.png", "train/cat/nested-b/3.png"]
+    assert train.skipped == {"not an image file": 1} and train[6] is None and train.unreadable == 1
+    with pytest.raises(ValueError, match=r"holds split folders \['train', 'val'\], not class folders"):
+        sources.get_source({"name": "folder", "image_dir": url})
+    with pytest.raises(FileNotFoundError, match=r"no split folder .*test.*split folders there: \['train', 'val'\]"):
+        sources.get_source({"name": "folder", "image_dir": url, "split": "test"})
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        sources.get_source({"name": "folder", "image_dir": _url("class_folders", "nope")})
+
+    def relative(found, root):
+        return [p[len(root) + 1:] for p in found]
+
+    remote_found = predict.image_files([_url("class_folders", "*", "*", "*.png")])
+    local_found = predict.image_files([os.path.join(local, "*", "*", "*.png")])
+    assert relative(remote_found, url) == relative(local_found, str(local)) and len(remote_found) == 12
+    assert all(p.startswith("gs://") for p in remote_found)
+    remote_found = predict.image_files([_url("class_folders", "val"), _url("class_folders", "train", "dog", "*")])
+    local_found = predict.image_files([os.path.join(local, "val"), os.path.join(local, "train", "dog", "*")])
+    assert relative(remote_found, url) == relative(local_found, str(local))
+    assert relative(remote_found, url)[-1] == "train/dog/broken.jpg"           # files only: not dog/nested
+    with pytest.raises(FileNotFoundError, match="no image matches"):
+        predict.image_files([_url("class_folders", "train", "*")])           # only folders match
+    good, bad = predict.read_images(remote_found[-3:])
+    assert [p for p, _ in bad] == [_url("class_folders", "train", "dog", "broken.jpg")]
+    assert [image[0, 0].tolist() for _, image in good] == [[80, 0, 0], [80, 30, 0]]

@@ -4,7 +4,9 @@ The layout is torchvision's `ImageFolder`: `DIR/<class>/**/<image>`. Class index
 class folder name in sorted order, and the examples come in torchvision's order, so labels
 equal `torchvision.datasets.ImageFolder(DIR).targets`. The one difference: hidden folders
 (`.ipynb_checkpoints`, ...) are not classes (torchvision would make them one); a warning names
-them. Files count as images by torchvision's extensions (`IMG_EXTENSIONS`, any case).
+them. Files count as images by torchvision's extensions (`IMG_EXTENSIONS`, any case). DIR may
+be a local folder or a bucket URL (`gs://bucket/photos`, through `mmjax.paths`): the same
+classes, examples, labels and holdout split either way.
 
 Splits, for `data=dict(name="folder", image_dir=DIR, split=..., holdout=None, seed=0)`:
 
@@ -27,14 +29,17 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import logging
 import os
+import posixpath
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from mmjax import paths
 from mmjax.data.webdataset import SkipCounter
 
 log = logging.getLogger(__name__)
@@ -45,30 +50,54 @@ HOLDOUT_SPLITS = ("train", "holdout")
 SPLIT_NAMES = {"train", "val", "valid", "validation", "test", "holdout"}   # never read as class names
 
 
-# --- file access: the only functions that touch the file system (swap in etils.epath here) ---
+# --- file access: the only functions that touch the file system (mmjax.paths: local or gs://) ---
 
 def _expand(path: str | os.PathLike) -> str:
-    return os.path.expanduser(os.fspath(path))
+    """~ expanded for a local path (as before); a URL without its trailing '/'."""
+    path = paths.expand(os.fspath(path))
+    return paths.resolve(path) if paths.is_remote(path) else path
 
 
 def _is_dir(path: str) -> bool:
-    return os.path.isdir(path)
+    return paths.isdir(path)
 
 
 def _subdirs(path: str) -> list[str]:
-    """Names of the folders in `path` (symlinks to folders included), sorted."""
-    return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+    """Names of the folders in `path` (symlinks to folders included), sorted. In an object store:
+    the prefixes one level below `path`, from one listing."""
+    if not paths.is_remote(path):
+        return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+    fs = paths.filesystem(path)
+    return sorted({posixpath.basename(info["name"].rstrip("/")) for info in fs.ls(path, detail=True)
+                   if info.get("type") == "directory"} - {""})
 
 
 def files_under(path: str) -> list[str]:
-    """Paths of all files below `path`, in torchvision's order (sorted walk, sorted names)."""
-    return [os.path.join(root, name) for root, _, names in sorted(os.walk(path, followlinks=True))
-            for name in sorted(names)]
+    """Paths of all files below `path`, in torchvision's order (sorted walk, sorted names). In an
+    object store: the same order, from one listing of every object under `path`."""
+    if not paths.is_remote(path):
+        return [os.path.join(root, name) for root, _, names in sorted(os.walk(path, followlinks=True))
+                for name in sorted(names)]
+    relative = [r for r in paths.list_files(path) if r and not r.endswith("/")]
+    # sorted(os.walk) orders the folders by their path, then each folder's names are sorted
+    relative.sort(key=lambda r: (posixpath.dirname(r), posixpath.basename(r)))
+    return [paths.join(path, r) for r in relative]
+
+
+def _relative(path: str, root: str) -> str:
+    """`path` relative to `root` (a folder above it), with '/' between names."""
+    if not paths.is_remote(root):
+        return os.path.relpath(path, root)
+    return path[len(root.rstrip("/")) + 1:]
 
 
 def load_rgb(path: str) -> np.ndarray:
     """uint8 (H, W, 3) RGB, as torchvision's loader (`convert("RGB")`) gives it."""
-    with Image.open(path) as image:
+    source: str | io.BytesIO = path
+    if paths.is_remote(path):
+        with paths.open(path, "rb") as f:
+            source = io.BytesIO(f.read())   # one download, then PIL decodes from memory
+    with Image.open(source) as image:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
@@ -99,7 +128,7 @@ def class_root(data_config: Mapping[str, Any]) -> str:
         return image_dir
     if split == "holdout":
         raise ValueError("folder data: split='holdout' needs a holdout fraction, e.g. holdout=0.1")
-    root = os.path.join(image_dir, split)
+    root = paths.join(image_dir, split)
     if not _is_dir(root):
         raise FileNotFoundError(
             f"folder data: no split folder {root!r}; split folders there: {_visible(_subdirs(image_dir))}. "
@@ -116,14 +145,14 @@ def _visible(names: list[str]) -> list[str]:
 def _check_not_split_folders(image_dir: str) -> None:
     """`train/` and `val/` read as two classes would give every image a wrong label: refuse."""
     names = _visible(_subdirs(image_dir))
-    if names and set(names) <= SPLIT_NAMES and all(_subdirs(os.path.join(image_dir, n)) for n in names):
+    if names and set(names) <= SPLIT_NAMES and all(_subdirs(paths.join(image_dir, n)) for n in names):
         raise ValueError(f"folder data: {image_dir!r} holds split folders {names}, not class folders; "
                          f"choose one with split={names[0]!r}")
 
 
 def _check_same_classes(image_dir: str) -> None:
     """Split folders must agree on the class folders, or their labels would mean other classes."""
-    splits = {s: _visible(_subdirs(os.path.join(image_dir, s))) for s in _visible(_subdirs(image_dir))}
+    splits = {s: _visible(_subdirs(paths.join(image_dir, s))) for s in _visible(_subdirs(image_dir))}
     first, classes = next(iter(splits.items()))
     for split, other in splits.items():
         if other != classes:
@@ -180,13 +209,13 @@ class ImageFolderSource:
         skipped: collections.Counter[str] = collections.Counter()
         not_images, empty = [], []
         for label, name in enumerate(self.classes):
-            files = files_under(os.path.join(self.root, name))
+            files = files_under(paths.join(self.root, name))
             images = [p for p in files if is_image_file(p)]
             not_images += [p for p in files if not is_image_file(p)]
             if not images:
                 empty.append(name)
             if holdout is not None:
-                mask = _holdout_mask([os.path.relpath(p, self.root) for p in images], float(holdout), seed)
+                mask = _holdout_mask([_relative(p, self.root) for p in images], float(holdout), seed)
                 images = [p for p, held in zip(images, mask) if held == (split == "holdout")]
             self._samples += [(p, label) for p in images]
         skipped.update({"not an image file": len(not_images), "empty class folder": len(empty)})

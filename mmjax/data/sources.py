@@ -35,8 +35,8 @@ from tensorflow_datasets.core import read_only_builder
 
 from mmjax import paths
 from mmjax.data import image_folder, shapes, webdataset
-from mmjax.data.in_memory import InMemorySource
 from mmjax.data.folder import FolderSource
+from mmjax.data.in_memory import InMemorySource
 
 SHAPES_NAME = "mmjax_shapes"
 FOLDER_NAME = "folder"
