@@ -21,7 +21,7 @@ from collections.abc import Sequence
 ALLOCATORS = ("default", "hugepages", "jemalloc")
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 JEMALLOC_CONF = "thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1"
-_MARK = "MMJAX_BENCH_ALLOCATOR"
+_MARK = "MMJAX_CHOSEN_ALLOCATOR"   # set in the restarted process
 # mmjax-train's choice: "auto" (huge pages where glibc and the kernel support them), or an allocator name.
 ENV_VAR = "MMJAX_ALLOCATOR"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"

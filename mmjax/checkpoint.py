@@ -9,6 +9,10 @@ Before the commit, process 0 adds a manifest (size and CRC32 of every file); on 
 whose files do not match it (truncated, missing or altered files) is moved to
 `<workdir>/corrupt_checkpoints/` with a warning and the previous step is used instead.
 
+Data positions are saved with the process count and their kind: a grain pipeline's global
+batch position resumes on any process count, a webdataset stream's per-process position only on
+the same count (another count raises instead of re-reading or skipping data).
+
 `load_train_state` / `restore_params` read a checkpoint onto the host as numpy arrays, with no
 mesh and no devices of the writing topology (for conversion and inspection).
 
@@ -81,8 +85,7 @@ class Checkpointer:
             return False
         items = {"state": ocp.args.PyTreeSave(state)}
         if data_iterator is not None:
-            positions = _gather_from_processes(_encode_data_state(data_iterator.get_state()))
-            items["data"] = ocp.args.JsonSave({"per_process": positions})
+            items["data"] = ocp.args.JsonSave(_data_payload(data_iterator.get_state()))
         self.manager.wait_until_finished()  # the commit callback must see this step's number
         self._saving_step = step
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -319,20 +322,48 @@ def _gather_from_processes(payload: dict) -> list[dict]:
     return [json.loads(bytes(row[:n]).decode()) for row, n in zip(np.asarray(gathered), np.asarray(lengths))]
 
 
+# A data state that holds only for the process count it was taken with says so with this entry
+# (webdataset streams: each process reads its own shards); other states are one global position.
+PROCESS_COUNT_KEY = "process_count"
+
+
+def _data_payload(state: Any) -> dict:
+    """Every process's data position (a collective), the process count, and the positions' kind:
+    "per_process" (valid only for that process count) or "global" (valid for any count)."""
+    per_process = isinstance(state, dict) and PROCESS_COUNT_KEY in state
+    return {"per_process": _gather_from_processes(_encode_data_state(state)),
+            "process_count": jax.process_count(),
+            "position_kind": "per_process" if per_process else "global"}
+
+
 def _this_process_position(payload: dict) -> dict:
-    """This process's entry of the saved positions; a shared one when the count changed."""
+    """This process's entry of the saved positions; a shared one when the count changed and the
+    positions are global. Payloads without `position_kind` (older checkpoints) are judged by
+    equality alone."""
     if "per_process" not in payload:
         return payload  # one position for all processes (older checkpoints)
     positions = payload["per_process"]
+    saved = int(payload.get("process_count", len(positions)))
     count, index = jax.process_count(), jax.process_index()
-    if len(positions) == count:
+    if saved == count and len(positions) == count:
         return positions[index]
+    if payload.get("position_kind") == "per_process":
+        raise ValueError(
+            f"The checkpoint's data positions were written by {_processes(saved)} and hold only for "
+            "that process count (webdataset shards are split over the processes, so each position "
+            f"is in that process's own shards); this run has {_processes(count)}. Resume with "
+            f"{_processes(saved)}, or start a new workdir with --config.init.source=<this workdir> "
+            "(parameters only: the optimizer state, step and data start afresh).")
     if all(p == positions[0] for p in positions):
         return positions[0]  # position-only state (grain pipelines): valid for any process count
     raise ValueError(
         f"The checkpoint holds data positions of {len(positions)} processes that differ, and this "
         f"run has {count} processes. Resume with {len(positions)} processes, or use a data source "
         "whose position does not depend on the process count (TFDS or folder data).")
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
 
 
 def _encode_data_state(state: Any) -> dict:

@@ -217,3 +217,41 @@ def test_data_positions_of_several_processes():
     assert checkpoint._this_process_position({"per_process": [one, one]}) == one  # same for all
     with pytest.raises(ValueError, match="positions of 2 processes .*this run has 1"):
         checkpoint._this_process_position({"per_process": [one, other]})
+
+
+def test_positions_record_the_process_count_and_their_kind():
+    """The saved payload says how many processes wrote it and whether the positions hold only
+    for that count (a state with a `process_count` entry: webdataset streams)."""
+    grain_state = {"next_index": 7}
+    stream_state = {"epoch": 0, "shard": 1, "example": 3, "process_count": 1}
+    assert checkpoint._data_payload(grain_state) == {
+        "per_process": [{"kind": "json", "value": grain_state}], "process_count": 1, "position_kind": "global"}
+    assert checkpoint._data_payload(stream_state)["position_kind"] == "per_process"
+
+
+def test_per_process_positions_are_refused_on_another_process_count(monkeypatch):
+    """Equal webdataset positions (equal shards, lockstep) must not pass as a shared position:
+    each process read other shards, so another process count would re-read or skip data."""
+    stream = {"kind": "json", "value": {"epoch": 1, "shard": 2, "example": 0, "process_count": 2}}
+    payload = {"per_process": [stream, stream], "process_count": 2, "position_kind": "per_process"}
+    for count, index in ((2, 1), (1, 0), (4, 3)):
+        monkeypatch.setattr(jax, "process_count", lambda count=count: count)
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        if count == 2:
+            assert checkpoint._this_process_position(payload) == stream
+            continue
+        with pytest.raises(ValueError, match=f"written by 2 processes.*this run has {count}.*Resume with 2"):
+            checkpoint._this_process_position(payload)
+
+
+def test_global_positions_restore_on_any_process_count(monkeypatch):
+    """A grain pipeline's position (one global batch index) is valid for any process count,
+    in the new payload and in one written before process counts were recorded."""
+    position = {"kind": "json", "value": {"next_index": 5}}
+    new = {"per_process": [position, position], "process_count": 2, "position_kind": "global"}
+    old = {"per_process": [position, position]}
+    for count in (1, 3):
+        monkeypatch.setattr(jax, "process_count", lambda count=count: count)
+        monkeypatch.setattr(jax, "process_index", lambda: 0)
+        assert checkpoint._this_process_position(new) == position
+        assert checkpoint._this_process_position(old) == position

@@ -1,11 +1,18 @@
-"""Every experiment config loads, and its smoke mode trains a few steps on the embedded data."""
+"""Every experiment config loads and documents itself; every recipe, full-size and smoke, runs its
+pp strings and traces its train state and step; and its smoke mode trains a few steps on the
+embedded data."""
 
 import glob
 import math
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import pytest
 
-from mmjax import configs, train
+from mmjax import configs, faults, optim, sharding, tasks, train
 
 EXPERIMENTS = sorted(glob.glob("experiments/*/*.py"))
 
@@ -28,3 +35,122 @@ def test_full_config_loads_and_documents_itself(path):
 def test_smoke_mode_trains(path, tmp_path):
     final = train.train(configs.load_config(f"{path}:smoke=True"), str(tmp_path))
     assert final and all(math.isfinite(v) for v in final.values())
+
+
+# --- Every recipe as it would start: pp strings run and the full-size train state traced ----------
+#
+# The full recipes name data sets that are not on this machine (ImageNet, LAION), so no data source
+# is built: each pp string (training and every evaluation) is parsed and run on one synthetic
+# example with the fields of the recipe's source, and the batch shapes it yields are traced,
+# at the recipe's global batch size, through the task's init, the optimizer's init and one
+# train step with `jax.eval_shape` (shapes only: no parameter memory, nothing compiled).
+# The variants and training stages the recipes' docstrings name are traced too; image-text recipes
+# get the folder arguments of their docstring commands (paths that are only named, never read).
+PAIRS = "image_dir=/data/pairs,captions=/data/pairs/captions.jsonl"
+FULL_SPECS = [
+    "experiments/beit/in1k_finetune.py",
+    # The full-size DALL-E encoder with random weights: its real weights come from a converted
+    # model directory (`tokenizer=DIR`) that this machine does not have; the dVAE conversion and
+    # loading are tested in tests/convert/test_dall_e.py.
+    "experiments/beit/in1k_pretrain.py:tokenizer=random",
+    f"experiments/clip/openclip_laion400m_b16.py:{PAIRS}",
+    "experiments/clip/shapes.py",
+    "experiments/clip/shapes.py:loss=siglip",
+    "experiments/clip/shapes.py:stem=False",
+    *[f"experiments/clip/vit_b16.py:variant={v},{PAIRS}" for v in ("B/32", "B/16", "L/14")],
+    f"experiments/flip/laion400m.py:{PAIRS}",
+    f"experiments/flip/laion400m.py:variant=L/16,{PAIRS}",
+    f"experiments/flip/laion400m.py:unmasked_from=runs/flip_b16,{PAIRS}",   # init source only named
+    *[f"experiments/mae/in1k_finetune.py:variant={v}" for v in ("B/16", "L/16", "H/14")],
+    *[f"experiments/mae/in1k_pretrain.py:variant={v}" for v in ("B/16", "L/16", "H/14")],
+    "experiments/mae/shapes.py",
+    "experiments/mae/shapes.py:norm_pix=True",
+    "experiments/mae/shapes_finetune.py",
+    *[f"experiments/vit/augreg_i21k.py:variant={v}" for v in ("Ti/16", "S/32", "S/16", "B/32", "B/16", "L/16")],
+    "experiments/vit/shapes.py",
+    "experiments/vit/shapes.py:pool=gap,posemb=sincos2d",
+    "experiments/vit/vit_i21k.py",
+]
+SMOKE_SPECS = [f"{path}:smoke=True" for path in EXPERIMENTS]
+_SOURCE_FIELDS = {   # what each data source yields per example, as far as the pp strings see it
+    "imagenet2012": ("image", "label", "file_name"),
+    "imagenet21k": ("image", "label"),
+    "folder": ("image", "caption"),             # with captions=; a class-per-folder tree has labels
+    "webdataset": ("image", "caption"),
+}
+
+
+def _synthetic_example(data) -> dict:
+    """One example as `data`'s source would yield it, made up here (no data set is read)."""
+    name = data["name"].split("/")[0]
+    if name == "mmjax_shapes":
+        from mmjax.data import shapes
+
+        return shapes.generate_example(0, seed=0, image_size=32)
+    if name == "folder" and data.get("captions") is None:
+        name = "imagenet21k"   # image + label
+    assert name in _SOURCE_FIELDS, f"no synthetic example for data source {name!r}: add it to _SOURCE_FIELDS"
+    values = {"image": np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8),
+              "label": np.int64(7), "file_name": "n01440764_10026.JPEG",
+              "caption": "a photo of a small dog running on the grass."}
+    return {key: values[key] for key in _SOURCE_FIELDS[name]}
+
+
+def _pp_shapes(data, pp: str, tokenizer, where: str) -> dict:
+    """Runs the pp string on a synthetic example; the batch element's shapes and dtypes."""
+    from mmjax.data.pipeline import _canonical  # the trainer's dtype canonicalisation
+    from mmjax.data.preprocess import Preprocess
+
+    out = _canonical(Preprocess(pp, tokenizer)(_synthetic_example(data), np.random.default_rng(0)))
+    shapes = {}
+    for key, value in out.items():
+        value = np.asarray(value)
+        assert value.dtype.kind in "biuf", f"{where}: pp {pp!r} leaves non-numeric {key!r}; keep() only arrays"
+        shapes[key] = (value.shape, value.dtype)
+    return shapes
+
+
+def _evals_with_pp(evals, prefix="evals"):
+    """(name, data, pp) of every evaluation block, nested ones (probe train/test) included."""
+    for key, value in evals.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            if "pp" in value:
+                yield f"{prefix}.{key}", value.data, value.pp
+            else:
+                yield from _evals_with_pp(value, f"{prefix}.{key}")
+
+
+def test_every_recipe_is_traced_at_full_size():
+    assert {spec.split(":")[0] for spec in FULL_SPECS} == set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("spec", FULL_SPECS + SMOKE_SPECS, ids=lambda spec: spec.replace(PAIRS, "PAIRS"))
+def test_recipe_pp_and_train_state_trace(spec):
+    config = configs.load_config(spec)
+    task = tasks.get_task(config)
+    example = _pp_shapes(config.input.data, config.input.pp, task.tokenizer, "input.pp")
+    for name, data, pp in _evals_with_pp(config.get("evals", {})):
+        got = _pp_shapes(data, pp, task.tokenizer, f"{name}.pp")
+        for key in set(got) & set(example):   # e.g. eval images at the model's training size
+            assert got[key] == example[key], f"{name}.pp gives {key} {got[key]}, input.pp {example[key]}"
+
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.get_rules(config.get("sharding", "dp"))
+    global_batch = int(config.input.batch_size)
+    assert global_batch % sharding.data_parallel_size(mesh) == 0
+    batch = {k: jax.ShapeDtypeStruct((global_batch, *shape), dtype) for k, (shape, dtype) in example.items()}
+    # num_epochs-only recipes count their data set, which is not read here: any length will do.
+    steps = train.total_steps(config) if config.get("total_steps") else 1_000
+    rng = jax.random.key(0)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(task.init_variables, rng, batch)
+        sharding.logical_shardings(boxed, mesh, rules)   # every logical axis name has a rule
+        params = jax.eval_shape(lambda r, b: nn.meta.unbox(task.init_variables(r, b)), rng, batch)["params"]
+        tx, schedule = optim.build_optimizer(config.optimizer, config.schedule, steps, params)
+        state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+                 "opt_state": jax.eval_shape(tx.init, params), "nonfinite": jax.eval_shape(faults.init_counters)}
+        new_state, metrics = jax.eval_shape(train.make_train_step(task, tx, schedule, rng), state, batch)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    assert all(a.shape == b.shape and a.dtype == b.dtype
+               for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state), strict=True))
+    assert metrics["loss"].shape == ()

@@ -143,21 +143,15 @@ def test_bad_input(converted_clip, photos, tmp_path, monkeypatch):
         predict_lib.main(["--model", model_dir, "--images", str(tmp_path / "none.*")])
 
 
-def test_trained_vit_run(tmp_path, photos):
-    """A short ViT run on the shapes data: the predicted class is the argmax of its logits."""
+def test_trained_vit_run(shapes_vit_run, photos):
+    """A short ViT run on the shapes data (the session's, tests/conftest.py): the predicted class
+    is the argmax of its logits."""
     import jax
 
     import mmjax
-    from mmjax import configs, pretrained, train
+    from mmjax import pretrained
 
-    config = configs.load_config("experiments/vit/shapes.py:smoke=True")
-    data = {"name": "mmjax_shapes", "data_dir": str(tmp_path / "tfds"), "num_train": 96, "num_test": 24}
-    with config.unlocked():
-        config.checkpoint.every_steps = config.total_steps     # one save: the run's final state
-        config.input.data = dict(data, split="train")
-        config.evals.top1.data = dict(data, split="test")
-    train.train(config, str(tmp_path / "run"))
-    run = str(tmp_path / "run")
+    run = shapes_vit_run.workdir
     paths = predict_lib.image_files([photos])
     results = [r for r in predict_lib.predict(run, paths, top_k=3) if "error" not in r]
     spec = pretrained.inference_spec(run)

@@ -11,7 +11,7 @@ import time
 import jax
 import pytest
 
-from mmjax import configs, progress, train
+from mmjax import progress, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The periodic line as it was before the progress bar existed; CI logs and tests/test_resume.py read it.
@@ -147,11 +147,10 @@ def test_only_process_zero_prints(monkeypatch, capsys, tmp_path, stream):
     assert out.getvalue() == "" and capsys.readouterr().out == ""
 
 
-def test_trainer_without_a_tty_prints_the_old_lines_and_a_summary(tmp_path, capsys):
-    workdir = str(tmp_path / "vit")
-    config = configs.load_config("experiments/vit/shapes.py:smoke=True")
-    train.train(config, workdir)
-    lines = capsys.readouterr().out.splitlines()
+def test_trainer_without_a_tty_prints_the_old_lines_and_a_summary(shapes_vit_run):
+    """The session's shapes ViT run (tests/conftest.py), trained in-process with stdout not a terminal."""
+    workdir = shapes_vit_run.workdir
+    lines = shapes_vit_run.stdout.splitlines()
     assert "\r" not in "".join(lines)
     logged = [line for line in lines if line.startswith("step ")]
     assert [OLD_LINE.match(line).group(1, 2) for line in logged] == [("2", "4"), ("4", "4")], logged
@@ -172,9 +171,13 @@ def test_mmjax_train_on_a_terminal_shows_the_live_bar(tmp_path):
     primary, secondary = pty.openpty()
     env = dict(os.environ, JAX_PLATFORMS="cpu", TERM="xterm")
     env.pop(progress.ENV_VAR, None)
+    # The smoke ViT's 4 steps (an evaluation at step 2 to see the bar wiped and redrawn around its
+    # line), made cheaper where the bar does not care: a batch of one example per simulated
+    # device, an evaluation of 8 examples in one batch (not 64 padded to 504), one checkpoint.
     proc = subprocess.Popen(
         [sys.executable, "-m", "mmjax.train", "--config", "experiments/vit/shapes.py:smoke=True",
-         "--config.evals.every_steps=2", "--workdir", workdir],
+         "--config.evals.every_steps=2", "--config.input.batch_size=8", "--config.evals.top1.max_examples=8",
+         "--config.evals.top1.batch_size=8", "--config.checkpoint.every_steps=4", "--workdir", workdir],
         cwd=REPO, env=env, stdin=secondary, stdout=secondary, stderr=secondary, close_fds=True)
     os.close(secondary)
     chunks = []

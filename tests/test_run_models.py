@@ -14,13 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 import mmjax
-from mmjax import checkpoint, configs, pretrained, runs, sharding, tasks, train
+from mmjax import checkpoint, configs, pretrained, runs, sharding, tasks
 from mmjax.convert import cli
 from mmjax.data import tokenizers
 
-# The lead is redesigning the shapes CLIP recipe without its conv stem (timm / open_clip cannot
-# express one); until then the test runs override it here, and only here.
-CLIP_OVERRIDES = ["--config.model.image.conv_stem=()"]
 SHAPES_NAMES = 24
 EXPECTED_PP = "resize(32)|value_range(-1,1)"
 
@@ -48,22 +45,10 @@ def features(out):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Real trainer runs: 4 steps of the shapes ViT and CLIP, checkpoints at steps 2 and 4
-    (smaller batches and no retrieval evaluator, to save time: the zero-shot one gives the pp)."""
-    root = tmp_path_factory.mktemp("runs")
-    out = {}
-    small = ["--config.input.batch_size=8"]
-    for name, spec, overrides in [("vit", "experiments/vit/shapes.py:smoke=True", small),
-                                  ("clip", "experiments/clip/shapes.py:smoke=True", CLIP_OVERRIDES + small)]:
-        config = configs.apply_overrides(configs.load_config(spec), overrides)
-        with config.unlocked():
-            if "retrieval" in config.evals:
-                del config.evals["retrieval"]
-        train.train(config, str(root / name))
-        out[name] = str(root / name)
-    out["root"] = root
-    return out
+def trained(shapes_vit_run, shapes_clip_run):
+    """The session's real trainer runs (tests/conftest.py): 4 steps of the shapes ViT and CLIP
+    (the CLIP with a plain patch embedding, `stem=False`), checkpoints at steps 2 and 4."""
+    return {"vit": shapes_vit_run.workdir, "clip": shapes_clip_run.workdir}
 
 
 def images(n=3, seed=0):

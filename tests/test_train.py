@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -18,9 +19,9 @@ def _load(spec: str, *overrides: str):
     return configs.apply_overrides(configs.load_config(spec), list(overrides))
 
 
-def test_clip_smoke_run_writes_outputs_and_resumes(tmp_path):
-    workdir = str(tmp_path / "clip")
-    final = train.train(_load("experiments/clip/shapes.py:smoke=True"), workdir)
+def test_clip_smoke_run_writes_outputs_and_resumes(shapes_clip_run, tmp_path):
+    """The session's shapes CLIP smoke run (tests/conftest.py), then a copy of it resumed."""
+    workdir, final = shapes_clip_run.workdir, shapes_clip_run.final
     assert {"zeroshot/top1", "retrieval/i2t_r1", "retrieval/t2i_r5"} <= set(final)
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
@@ -30,7 +31,10 @@ def test_clip_smoke_run_writes_outputs_and_resumes(tmp_path):
     assert len(losses) == 2 and all(np.isfinite(losses))
 
     # Same command with a longer schedule: continues from step 4 instead of starting over.
-    config = _load("experiments/clip/shapes.py:smoke=True", "--config.total_steps=6")
+    # (On a copy: the shared run stays as trained for the other tests.)
+    workdir = str(tmp_path / "clip")
+    shutil.copytree(shapes_clip_run.workdir, workdir)
+    config = _load(shapes_clip_run.spec, *shapes_clip_run.overrides, "--config.total_steps=6")
     train.train(config, workdir)
     lines = _metrics(workdir)
     logged = [r["step"] for r in lines if "loss" in r]
@@ -38,7 +42,9 @@ def test_clip_smoke_run_writes_outputs_and_resumes(tmp_path):
 
 
 def test_vit_learns_shapes_far_above_chance(tmp_path):
-    """150 steps of a small ViT on 24 classes: top-1 well above chance (1/24 ≈ 0.042).
+    """Its own run, not the session's shapes_vit_run: learning needs many steps of larger batches.
+
+    150 steps of a small ViT on 24 classes: top-1 well above chance (1/24 ≈ 0.042).
 
     This early the model has learnt the colour (a 4-way split, top-1 ≈ 0.25) and is only
     starting on the shape; 0.15 is 3.6× chance.

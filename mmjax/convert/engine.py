@@ -251,8 +251,10 @@ def to_torch(params: Mapping[str, np.ndarray], table: Table, what: str = "state 
 
 
 def require(fields: dict, target: str, **wanted) -> None:
-    """Raises unless the model's computation (not only its parameters) can be expressed in `target`."""
-    bad = [f"{k}={fields.get(k)!r} (needs {v!r})" for k, v in wanted.items() if fields.get(k, v) != v]
+    """Raises unless the model's computation (not only its parameters) can be expressed in `target`.
+    Tuples and lists compare alike (model_config.json stores tuples as lists)."""
+    plain = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    bad = [f"{k}={fields.get(k)!r} (needs {v!r})" for k, v in wanted.items() if plain(fields.get(k, v)) != plain(v)]
     if bad:
         raise ConversionError(f"This model cannot be written as a {target} checkpoint: {', '.join(bad)}")
 

@@ -83,7 +83,8 @@ def from_timm(name: str, state: dict[str, np.ndarray]) -> Plan:
 
 def timm_export(config: dict) -> tuple[Table, None]:
     """The table that writes this model directory (model_config.json as `config`) for timm."""
-    require(config["fields"], "timm", pool="cls", posemb="learn", fc_norm=False, representation_size=None)
+    require(config["fields"], "timm", pool="cls", posemb="learn", fc_norm=False, representation_size=None,
+            conv_stem=[])
     return TIMM_TABLE, None
 
 
@@ -173,7 +174,7 @@ def hf_export(config: dict) -> tuple[Table, dict]:
     """The table and config.json that write this model directory for transformers."""
     fields, source = config["fields"], config["source"]
     require(fields, "Hugging Face ViT", pool="cls", posemb="learn", pre_norm=False, fc_norm=False,
-             patch_bias=True, qkv_bias=True, layer_scale=None)
+            patch_bias=True, qkv_bias=True, layer_scale=None, conv_stem=[])
     image_size = config["inputs"][0]["shape"][1]
     if source.get("library") == "hf":
         hf_config = source["config"]

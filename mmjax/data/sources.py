@@ -83,7 +83,7 @@ def class_names(data_config: DataConfig) -> list[str] | None:
         return names
     from mmjax.evaluate.zeroshot import read_class_names  # the reader lives with its main user
 
-    listed = read_class_names(os.path.expanduser(os.fspath(path)))
+    listed = read_class_names(os.fspath(path))
     if names is not None and len(listed) != len(names):
         raise ValueError(f"class_names_file {path!r} has {len(listed)} names, but the data set "
                          f"{data_config.get('name')!r} has {len(names)} classes")

@@ -10,8 +10,10 @@ The `webdataset` package is not needed.
 Training streams the shards (`WebDatasetStream`): every epoch the shard list is shuffled with
 the seed, process p of P takes shards p, p + P, ... of it, and reads each shard's examples in
 a seeded random order. Members are located by one pass over the tar headers, so resuming
-reads no image data before its position. The position (epoch, shard, example) is the
-iterator state that checkpoints keep. `WebDatasetSource` gives random access for evaluation.
+reads no image data before its position. The position (epoch, shard, example, and the
+process count it holds for) is the iterator state that checkpoints keep; resuming it on
+another process count is refused, since every process reads other shards. `WebDatasetSource`
+gives random access for evaluation.
 
 Examples without an image or caption, and images that do not decode, are skipped, counted and
 logged, never a crash.
@@ -225,9 +227,18 @@ class _StreamIterator(grain.DatasetIterator):
         return self._open[1:]
 
     def get_state(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "shard": self._shard, "example": self._offset}
+        """The position in this process's shards; `process_count` marks it valid only for that
+        count (mmjax.checkpoint refuses to resume it on another)."""
+        return {"epoch": self._epoch, "shard": self._shard, "example": self._offset,
+                "process_count": self._stream.process_count}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("process_count")  # absent in positions saved before it was recorded
+        if saved is not None and int(saved) != self._stream.process_count:
+            raise ValueError(
+                f"webdataset: this stream position of a {saved}-process run does not hold for "
+                f"{self._stream.process_count} processes (each process reads its own shards); "
+                f"resume with {saved} processes")
         self.close()
         self._epoch, self._shard, self._offset = int(state["epoch"]), int(state["shard"]), int(state["example"])
 

@@ -17,7 +17,9 @@ SIMPLE_IMAGENET_TEMPLATES = (
 def read_class_names(path: str) -> list[str]:
     """One class name per non-empty line of a UTF-8 file (e.g. CLIP's ImageNet class names,
     since TFDS `imagenet2012` names its classes by WordNet id)."""
-    with open(path, encoding="utf-8") as f:
+    from mmjax import paths  # local files or bucket URLs alike
+
+    with paths.open(paths.expand(path), encoding="utf-8") as f:
         names = [line.strip() for line in f if line.strip()]
     if not names:
         raise ValueError(f"class_names_file {path!r} has no names")

@@ -153,7 +153,8 @@ class BEiTTask(base.Task):
         key = jax.random.key(int(evals.mim.get("seed", 0)))
         stats = functools.partial(self._per_example, params)
         totals = sum(out.sum(0) for _, out in base.run_over_split(
-            evals.mim, mesh, lambda b: stats(b["image"], jax.random.fold_in(key, next(batches)))))
+            evals.mim, mesh, lambda b: stats(b["image"], jax.random.fold_in(key, next(batches))),
+            name="evals.mim"))
         xent, correct, count = (float(v) for v in totals)
         return {"mim/loss": xent / max(count, 1.0), "mim/accuracy": correct / max(count, 1.0)}
 

@@ -79,7 +79,8 @@ class ClassificationTask(base.Task):
                              f"model.num_classes={self.model.num_classes}")
         correct = counted = 0
         logits_fn = functools.partial(self._logits, {"params": params})
-        for batch, logits in base.run_over_split(evals.top1, mesh, lambda b: logits_fn(b["image"])):
+        for batch, logits in base.run_over_split(evals.top1, mesh, lambda b: logits_fn(b["image"]),
+                                                  name="evals.top1"):
             c, n = cls_eval.top1(logits, batch["label"])
             correct, counted = correct + c, counted + n
         return {"top1": correct / max(counted, 1)}

@@ -105,7 +105,7 @@ class ContrastiveTask(base.Task):
             lambda texts: self.encode_texts(params, texts, mesh=mesh), names, list(cfg.templates))
         embs, labels = [], []
         encode = lambda b: self._encode_image({"params": params}, b["image"])  # noqa: E731
-        for batch, emb in base.run_over_split(cfg, mesh, encode):
+        for batch, emb in base.run_over_split(cfg, mesh, encode, name="evals.zeroshot"):
             embs.append(emb)
             labels.append(batch["label"])
         top1 = zeroshot.zeroshot_top1(np.concatenate(embs), np.concatenate(labels), class_embs)
@@ -116,7 +116,8 @@ class ContrastiveTask(base.Task):
             return (self._encode_image({"params": params}, b["image"]),
                     self._encode_text({"params": params}, b["text"]))
         img, txt = [], []
-        for _, (i, t) in base.run_over_split(cfg, mesh, encode, tokenizer=self.tokenizer):
+        for _, (i, t) in base.run_over_split(cfg, mesh, encode, tokenizer=self.tokenizer,
+                                                 name="evals.retrieval"):
             img.append(i)
             txt.append(t)
         recalls = retrieval.recall_at_k(np.concatenate(img), np.concatenate(txt), cfg.get("ks", (1, 5, 10)))

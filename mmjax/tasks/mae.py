@@ -84,7 +84,8 @@ class MAETask(base.Task):
         key = jax.random.key(int(cfg.get("seed", 0)))
         per_example = functools.partial(self._per_example, params)
         losses = [out for _, out in base.run_over_split(
-            cfg, mesh, lambda b: per_example(b["image"], jax.random.fold_in(key, next(batches))))]
+            cfg, mesh, lambda b: per_example(b["image"], jax.random.fold_in(key, next(batches))),
+            name="evals.recon")]
         # Every example masks the same number of patches, so the mean of per-example losses is the loss.
         return float(np.mean(np.concatenate(losses)))
 
@@ -95,9 +96,9 @@ class MAETask(base.Task):
         targets = tuple(cfg.get("labels", ("label",)))
         pooled = functools.partial(self._pooled, params, feature=feature)
 
-        def features(split_cfg):
+        def features(split_cfg, name):
             xs, ys = [], {k: [] for k in targets}
-            for batch, tokens in base.run_over_split(split_cfg, mesh, lambda b: pooled(b["image"])):
+            for batch, tokens in base.run_over_split(split_cfg, mesh, lambda b: pooled(b["image"]), name=name):
                 xs.append(tokens)
                 for k in targets:
                     if k not in batch:
@@ -105,7 +106,7 @@ class MAETask(base.Task):
                     ys[k].append(batch[k])
             return np.concatenate(xs), {k: np.concatenate(v) for k, v in ys.items()}
 
-        (x, y), (xt, yt) = features(cfg.train), features(cfg.test)
+        (x, y), (xt, yt) = features(cfg.train, "evals.probe.train"), features(cfg.test, "evals.probe.test")
         steps, lr = int(cfg.get("steps", 300)), float(cfg.get("lr", 0.05))
         return {f"probe/{k}_top1": linear_probe.fit_and_score(x, y[k], xt, yt[k], int(max(y[k].max(), yt[k].max())) + 1,
                                                               steps=steps, lr=lr) for k in targets}

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from references import require
 
 import mmjax
 from mmjax.convert import io
 from mmjax.models import dvae
 
-dall_e = pytest.importorskip("dall_e")
+dall_e = require("dall_e")
 
 
 def _randomize(module, seed):

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mmjax
-from mmjax.convert import api, engine, vit
+from mmjax.convert import api, clip, engine, vit
 from mmjax.convert.engine import ConversionError
 
 NAME = "vit_base_patch16_224"
@@ -235,6 +235,12 @@ def test_inexpressible_export_is_refused(base):
     """A model with a ViT-only head (no timm equivalent) cannot be written for timm."""
     with pytest.raises(ConversionError, match="representation_size"):
         vit.timm_export({"fields": {"pool": "cls", "representation_size": 768}})
+    # A convolutional stem (the shapes main job's) has no counterpart in timm, transformers or open_clip.
+    with pytest.raises(ConversionError, match="conv_stem"):
+        vit.timm_export({"fields": {"pool": "cls", "conv_stem": [32, 64]}})
+    with pytest.raises(ConversionError, match="conv_stem"):
+        clip.open_clip_export({"fields": {"image": {"pool": "cls", "conv_stem": [32, 64]}, "text": {}}})
+    vit.timm_export({"fields": {"pool": "cls", "conv_stem": []}})   # a plain patch embedding is fine
     params = engine.flatten(jax.tree.map(np.asarray, base["variables"]["params"]))
     params["pre_logits/kernel"] = np.zeros((768, 768), np.float32)
     with pytest.raises(ConversionError, match="pre_logits/kernel"):

@@ -5,14 +5,15 @@ import itertools
 import numpy as np
 import pytest
 from PIL import Image
+from references import require
 
 from mmjax.data import color_jitter
 from mmjax.data.color_jitter import ColorJitter
 from mmjax.data.preprocess import Preprocess
 
-torch = pytest.importorskip("torch")
-TF = pytest.importorskip("torchvision.transforms.functional")
-from torchvision.transforms import ColorJitter as TorchColorJitter  # noqa: E402
+torch = require("torch")
+TF = require("torchvision.transforms.functional")
+TorchColorJitter = require("torchvision.transforms").ColorJitter
 
 H, W = 48, 64
 _TORCH_ADJUST = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,

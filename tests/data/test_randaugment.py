@@ -5,11 +5,12 @@ import math
 import numpy as np
 import pytest
 from PIL import Image
+from references import require
 
 from mmjax.data import randaugment as ra
 from mmjax.data.preprocess import Preprocess
 
-aa = pytest.importorskip("timm.data.auto_augment")
+aa = require("timm.data.auto_augment")
 
 FILL = (124, 116, 104)  # timm's img_mean for the ImageNet normalisation
 RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -109,7 +110,7 @@ def test_call_is_sample_then_apply_and_reproducible():
     np.testing.assert_array_equal(runs[0], runs[1])
     assert any(not np.array_equal(runs[0], r) for r in runs[2:])
     assert runs[0].dtype == np.uint8 and runs[0].shape == image.shape
-    cloudpickle = pytest.importorskip("cloudpickle")  # how grain ships the pp to its workers
+    cloudpickle = require("cloudpickle")  # how grain ships the pp to its workers
     shipped = cloudpickle.loads(cloudpickle.dumps(augment))
     np.testing.assert_array_equal(shipped({"image": image}, np.random.default_rng(7))["image"], runs[0])
     op = ra.RandAugment()

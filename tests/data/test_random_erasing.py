@@ -5,6 +5,7 @@ import random
 
 import numpy as np
 import pytest
+from references import require
 
 from mmjax.data.preprocess import Preprocess
 from mmjax.data.random_erasing import RandomErasing
@@ -37,8 +38,8 @@ def _our_rectangles(n: int) -> np.ndarray:
 
 
 def _timm_rectangles(n: int) -> np.ndarray:
-    torch = pytest.importorskip("torch")
-    from timm.data.random_erasing import RandomErasing as TimmRandomErasing
+    torch = require("torch")
+    TimmRandomErasing = require("timm.data.random_erasing").RandomErasing
 
     random.seed(0)
     op = TimmRandomErasing(probability=1.0, mode="const", max_count=1, device="cpu")

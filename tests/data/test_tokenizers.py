@@ -1,12 +1,11 @@
 """Tests for mmjax.data.tokenizers: CLIP parity with open_clip, HF wrapper, word tokenizer."""
 
-import importlib
-import importlib.util
 import os
 import random
 
 import numpy as np
 import pytest
+from references import INSTALL, require
 
 from mmjax.data.tokenizers import (
     ClipTokenizer,
@@ -46,15 +45,16 @@ CLIP_TEXTS = [
 @pytest.fixture(scope="module")
 def open_clip_tokenize():
     """open_clip's reference tokenize (module scope: importing torch is slow)."""
-    open_clip = pytest.importorskip("open_clip")
-    return open_clip.tokenize
+    return require("open_clip").tokenize
 
 
 @pytest.fixture(scope="module")
 def clip_vocab_path() -> str:
-    path = default_clip_vocab_path()
-    if not os.path.isfile(path):
-        pytest.skip(f"open_clip BPE vocab not found at {path}")
+    try:   # the vocab file that open_clip ships; found without importing it (and torch)
+        path = default_clip_vocab_path()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}. open_clip_torch is in the test extra: run `{INSTALL}`") from e
+    assert os.path.isfile(path), f"open_clip's BPE vocab is missing at {path}: run `{INSTALL}`"
     return path
 
 
@@ -352,11 +352,8 @@ def test_build_errors():
 
 
 def test_build_shapes():
-    if importlib.util.find_spec("mmjax.data.shapes") is None:
-        pytest.skip("mmjax.data.shapes does not exist yet")
-    shapes = importlib.import_module("mmjax.data.shapes")
-    if not hasattr(shapes, "VOCAB"):
-        pytest.skip("mmjax.data.shapes has no VOCAB yet")
+    from mmjax.data import shapes
+
     tok = build_tokenizer({"name": "shapes", "context_length": 16})
     assert isinstance(tok, WordTokenizer) and tok.context_length == 16
     assert tok.vocab_size == len(set(shapes.VOCAB)) + 4

@@ -4,8 +4,10 @@ import io
 import json
 import tarfile
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
@@ -131,3 +133,26 @@ def test_random_access_source_for_evaluation(shards):
     batches = list(pipeline.eval_batches(config, PP, 8))
     assert sum(int(b["mask"].sum()) for b in batches) == 4 * GOOD_PER_SHARD  # bad ones dropped
     assert sorted(_captions(batches)[:5]) == [f"caption {i}" for i in range(5)]
+
+
+def test_a_stream_position_is_refused_on_another_process_count(shards, tmp_path, monkeypatch):
+    """A 1-process run's stream position, saved by the Checkpointer, is refused by a 2-process
+    run even though every process's position is equal (the lockstep case), and the stream's
+    own `set_state` refuses a position of another process count."""
+    it = iter(pipeline.make_train_loader(_config(shards), PP, 4, seed=0, process_index=0, process_count=1))
+    next(it)
+    saver = checkpoint.Checkpointer(str(tmp_path), every_steps=1)
+    saver.save(1, {"step": jnp.int32(1)}, it)
+    saver.close()
+    reader = checkpoint.Checkpointer(str(tmp_path), every_steps=1)
+    payload = reader.manager.restore(1, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+    reader.close()
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with pytest.raises(ValueError, match="written by 1 process .*webdataset.*this run has 2 processes"):
+        checkpoint._this_process_position(payload)
+
+    other = iter(webdataset.WebDatasetStream(webdataset.expand_shards(_config(shards)["shards"]),
+                                             seed=0, process_index=1, process_count=2))
+    with pytest.raises(ValueError, match="position of a 1-process run.*2 processes"):
+        other.set_state(it.get_state())

@@ -9,8 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from references import require
 
 from mmjax.models import dvae
+
+dall_e = require("dall_e")
 
 # ---------------------------------------------------------------------------------------------
 # Copying reference weights (what the conversion tables will do). Conv weights OIHW → HWIO.
@@ -113,7 +116,6 @@ def test_encoder_parity_with_flava_image_codebook(encode):
 
 
 def test_encoder_parity_with_dall_e(encode):
-    dall_e = pytest.importorskip("dall_e")
     _, logits_fn, tokens_fn = encode
     ref = dall_e.Encoder(device=torch.device("cpu"), requires_grad=False).eval()
     randomize_(ref, seed=1)
@@ -131,7 +133,6 @@ def test_encoder_parity_with_dall_e(encode):
 
 
 def test_decoder_parity_with_dall_e():
-    dall_e = pytest.importorskip("dall_e")
     ref = dall_e.Decoder(device=torch.device("cpu"), requires_grad=False).eval()
     randomize_(ref, seed=2)
     tokens = np.random.default_rng(2).integers(0, 8192, size=(1, 14, 14)).astype(np.int32)
