@@ -33,9 +33,17 @@ def kind(model_config: Mapping) -> str:
 
 
 def spec(model_config: Mapping) -> dict:
-    """{"preprocess", "tokenizer", "class_names", "kind"} of a model directory's or run's config."""
+    """{"preprocess", "tokenizer", "class_names", "kind"} of a model directory's or run's config.
+
+    A timm checkpoint's transform is looked up in timm's pretrained configs here, when it is
+    used, rather than at conversion: importing timm imports torch, and converting a
+    .safetensors file needs neither."""
     stored = model_config if any(k in model_config for k in KEYS) else for_source(model_config)
-    return {**{k: stored.get(k) for k in KEYS}, "kind": kind(model_config)}
+    out = {**{k: stored.get(k) for k in KEYS}, "kind": kind(model_config)}
+    source, size = model_config.get("source") or {}, image_size(model_config)
+    if out["preprocess"] is None and source.get("library") == "timm" and size is not None:
+        out["preprocess"] = timm_pp(source.get("model", ""), size)
+    return out
 
 
 def image_pp(pp: str | None) -> str | None:
@@ -137,7 +145,7 @@ def for_source(model_config: Mapping, hf_processor: Mapping | None = None) -> di
     if clip:
         out["preprocess"] = clip_pp(size)
     elif library == "timm":
-        out["preprocess"] = timm_pp(source.get("model", ""), size)
+        out["preprocess"] = None        # resolved by `spec` when used (timm's table imports torch)
     else:
         out["preprocess"] = center_crop_pp(size)
     if library == "hf":

@@ -10,7 +10,7 @@ from mmjax import checkpoint, configs, train
 
 TINY_VIT = ["--config.model.depth=1", "--config.model.width=32", "--config.model.mlp_dim=64",
             "--config.model.num_heads=2", "--config.input.batch_size=8",
-            "--config.evals.top1.max_examples=0"]
+            "--config.evals.top1.max_examples=8", "--config.evals.top1.batch_size=8"]
 
 
 def _config(*overrides, nonfinite=None):

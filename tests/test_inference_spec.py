@@ -23,8 +23,11 @@ def test_timm_pp_uses_the_models_pretrained_config():
     spec = inference_spec.spec(_config(source={"library": "timm", "model": "vit_base_patch16_224"}, num_classes=1000))
     assert spec == {"preprocess": "resize_small(248, 'bicubic')|central_crop(224)|value_range(-1, 1)",
                     "tokenizer": None, "class_names": None, "kind": "classifier"}
-    unknown = inference_spec.for_source(_config(source={"library": "timm", "model": "not_a_timm_model"}))
+    unknown = inference_spec.spec(_config(source={"library": "timm", "model": "not_a_timm_model"}))
     assert unknown["preprocess"] == "resize_small(256, 'bicubic')|central_crop(224)|normalize('imagenet')"
+    # Conversion records no timm transform (that would import torch); `spec` looks it up when used.
+    assert inference_spec.for_source(_config(source={"library": "timm", "model": "vit_base_patch16_224"}))[
+        "preprocess"] is None
     out = _run(spec["preprocess"])
     assert out.shape == (224, 224, 3) and out.dtype == np.float32 and -1 <= out.min() < out.max() <= 1
 

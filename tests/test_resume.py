@@ -34,7 +34,7 @@ ARGS = ["--config", "experiments/vit/shapes.py:smoke=True", f"--config.total_ste
         "--config.model.depth=1", "--config.model.width=32", "--config.model.mlp_dim=64",
         "--config.model.num_heads=2", "--config.input.batch_size=16",
         "--config.mesh=[('data', 4), ('fsdp', 2)]", "--config.sharding=fsdp",
-        "--config.evals.top1.max_examples=0"]
+        "--config.evals.top1.max_examples=8", "--config.evals.top1.batch_size=8"]
 STEP_LINE = re.compile(rf"^step (\d+)/{STEPS} ")
 TIMEOUT_S = 600
 

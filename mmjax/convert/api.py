@@ -147,5 +147,9 @@ def _with_inference(hf_config: dict, config: dict) -> dict:
         hf_config["label2id"] = {n: i for i, n in enumerate(names)}
     if known["tokenizer"] and "text_config" in hf_config and config["source"].get("library") != "hf":
         from mmjax.data import tokenizers
-        hf_config["text_config"]["eos_token_id"] = int(tokenizers.build_tokenizer(known["tokenizer"]).eot_token_id)
+        # Only a tokenizer whose ids fit the model (a run's own) says where text ends; a recorded
+        # default (OpenAI's BPE on a CLIP with another vocabulary) keeps the largest id, as mmjax pools.
+        eot = int(tokenizers.build_tokenizer(known["tokenizer"]).eot_token_id)
+        if eot < hf_config["text_config"]["vocab_size"]:
+            hf_config["text_config"]["eos_token_id"] = eot
     return hf_config
