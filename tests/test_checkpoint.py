@@ -8,22 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import trainer_process
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mmjax import checkpoint, configs, optim, sharding, tasks, train
-
-
-class _Position:
-    """A stand-in data iterator: its state is a number."""
-
-    def __init__(self, n=0):
-        self.n = n
-
-    def get_state(self):
-        return {"n": self.n}
-
-    def set_state(self, state):
-        self.n = state["n"]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +61,7 @@ def test_restore_onto_other_topologies_and_the_host(vit_config, tmp_path):
     state = _written_state(vit_config, devices)
     assert sharding.unsharded_fraction(state["params"]) < 0.1
     saver = checkpoint.Checkpointer(str(tmp_path), every_steps=1)
-    saver.save(7, state, _Position(3), force=True)
+    saver.save(7, state, trainer_process.Position(3), force=True)
     saver.close()
     expected = _host(state)
     nbytes = sum(x.nbytes for x in expected)
@@ -82,7 +70,7 @@ def test_restore_onto_other_topologies_and_the_host(vit_config, tmp_path):
                "4-device fsdp_tp": (devices[:4], [("fsdp", 2), ("tensor", 2)], "fsdp_tp")}
     for name, (subset, mesh_spec, preset) in targets.items():
         abstract, _ = _layout(vit_config, subset, mesh_spec, preset)
-        position = _Position()
+        position = trainer_process.Position()
         step, restored = checkpoint.Checkpointer(str(tmp_path), every_steps=1).restore_latest(abstract, position)
         assert step == 7 and position.n == 3, name
         for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract)):
@@ -107,7 +95,7 @@ def _small_state(value):
 def _save_steps(workdir, steps, keep=5):
     saver = checkpoint.Checkpointer(workdir, every_steps=1, keep=keep)
     for step in steps:
-        saver.save(step, _small_state(step), _Position(step * 10))
+        saver.save(step, _small_state(step), trainer_process.Position(step * 10))
     saver.close()
 
 
@@ -145,7 +133,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, 
             f.write('{"files": ')
 
     ckpt = checkpoint.Checkpointer(workdir, every_steps=1)
-    position = _Position()
+    position = trainer_process.Position()
     abstract = checkpoint.abstract_like(_small_state(0), jax.tree.map(lambda x: x.sharding, _small_state(0)))
     with caplog.at_level("WARNING"):
         step, state = ckpt.restore_latest(abstract, position)

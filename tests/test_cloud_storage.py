@@ -21,11 +21,9 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tarfile
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +33,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gcs_emulator  # noqa: E402
+import trainer_process  # noqa: E402
 
 from mmjax import checkpoint, paths  # noqa: E402
 
@@ -62,7 +61,6 @@ def get_config(arg=None):
     return c
 """
 SHAPES_SIZES = (512, 128)  # train, test examples: a small copy of the shapes data, quick to make
-TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
@@ -140,22 +138,13 @@ def _small_state(value):
                                                  "b": jnp.arange(5, dtype=jnp.float32) * value}}
 
 
-class _Position:
-    def __init__(self, n=0):
-        self.n = n
-
-    def get_state(self):
-        return {"n": self.n}
-
-    def set_state(self, state):
-        self.n = state["n"]
 
 
 def test_corrupt_checkpoint_in_a_bucket_falls_back(gcs, caplog):
     workdir = _url("corrupt_run")
     saver = checkpoint.Checkpointer(workdir, every_steps=1, keep=5)
     for step in (1, 2, 3):
-        saver.save(step, _small_state(step), _Position(step * 10))
+        saver.save(step, _small_state(step), trainer_process.Position(step * 10))
     saver.close()
     step_dir = _url("corrupt_run", "checkpoints", "3")
     with paths.open(paths.join(step_dir, checkpoint.MANIFEST)) as f:
@@ -173,7 +162,7 @@ def test_corrupt_checkpoint_in_a_bucket_falls_back(gcs, caplog):
 
     ckpt = checkpoint.Checkpointer(workdir, every_steps=1, keep=5)
     abstract = checkpoint.abstract_like(_small_state(0), jax.tree.map(lambda x: x.sharding, _small_state(0)))
-    position = _Position()
+    position = trainer_process.Position()
     with caplog.at_level("WARNING"):
         step, state = ckpt.restore_latest(abstract, position)
     assert step == 2 and position.n == 20
@@ -223,20 +212,7 @@ def _recipe(folder, data_dir):
 def _run(workdir, recipe, env, kill_on=None, cwd=REPO):
     args = [sys.executable, "-u", "-m", "mmjax.train", "--config", recipe, *ARGS, "--workdir", workdir]
     proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    watchdog = threading.Timer(TIMEOUT_S, proc.kill)
-    watchdog.start()
-    lines, killed = [], False
-    for line in proc.stdout:
-        lines.append(line)
-        if kill_on is not None and kill_on(line):
-            proc.send_signal(signal.SIGKILL)
-            killed = True
-            break
-    proc.wait()
-    watchdog.cancel()
-    if not killed and proc.returncode:
-        raise AssertionError(f"trainer failed ({proc.returncode}):\n" + "".join(lines[-40:]))
-    return lines, killed
+    return trainer_process.watch(proc, kill_on)
 
 
 def _resumed_from(lines):

@@ -24,6 +24,7 @@ import threading
 import jax
 import numpy as np
 import pytest
+import trainer_process
 
 from mmjax import checkpoint
 
@@ -36,7 +37,6 @@ ARGS = ["--config", "experiments/vit/shapes.py:smoke=True", f"--config.total_ste
         "--config.mesh=[('data', 4), ('fsdp', 2)]", "--config.sharding=fsdp",
         "--config.evals.top1.max_examples=8", "--config.evals.top1.batch_size=8"]
 STEP_LINE = re.compile(rf"^step (\d+)/{STEPS} ")
-TIMEOUT_S = 600
 
 
 def _env(cache_dir, devices, **extra):
@@ -55,22 +55,7 @@ def _start(workdir, env, *extra_args):
 
 def _run(workdir, env, kill_on=None, also_kill=()):
     """Runs the trainer; SIGKILLs it (and `also_kill`) at the first line where kill_on(line)."""
-    proc = _start(workdir, env)
-    watchdog = threading.Timer(TIMEOUT_S, proc.kill)
-    watchdog.start()
-    lines, killed = [], False
-    for line in proc.stdout:
-        lines.append(line)
-        if kill_on is not None and kill_on(line):
-            for p in (proc, *also_kill):
-                p.send_signal(signal.SIGKILL)
-            killed = True
-            break
-    proc.wait()
-    watchdog.cancel()
-    if not killed and proc.returncode:
-        raise AssertionError(f"trainer failed ({proc.returncode}):\n" + "".join(lines[-40:]))
-    return lines, killed
+    return trainer_process.watch(_start(workdir, env), kill_on, also_kill)
 
 
 def _last_step(lines):
@@ -162,7 +147,7 @@ def _two_processes(workdir, env, kill_at_step=None, extra=()):
     second = _start(workdir, env, *flags, "--process_id", "1")
     first_args = [*flags, "--process_id", "0"]
     proc = _start(workdir, env, *first_args)
-    watchdog = threading.Timer(TIMEOUT_S, lambda: (proc.kill(), second.kill()))
+    watchdog = threading.Timer(trainer_process.TIMEOUT_S, lambda: (proc.kill(), second.kill()))
     watchdog.start()
     lines = []
     for line in proc.stdout:

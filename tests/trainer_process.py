@@ -1,0 +1,41 @@
+"""Helpers for tests that run the trainer in a subprocess and SIGKILL it at a chosen moment."""
+
+import signal
+import subprocess
+import threading
+
+TIMEOUT_S = 600
+
+
+def watch(proc: subprocess.Popen, kill_on=None, also_kill=()) -> tuple[list[str], bool]:
+    """Reads the trainer's output; SIGKILLs it (and `also_kill`) at the first line where
+    kill_on(line). Returns (lines, killed); a trainer that fails by itself raises with its last
+    40 lines, and one that hangs is killed after TIMEOUT_S."""
+    watchdog = threading.Timer(TIMEOUT_S, proc.kill)
+    watchdog.start()
+    lines, killed = [], False
+    for line in proc.stdout:
+        lines.append(line)
+        if kill_on is not None and kill_on(line):
+            for p in (proc, *also_kill):
+                p.send_signal(signal.SIGKILL)
+            killed = True
+            break
+    proc.wait()
+    watchdog.cancel()
+    if not killed and proc.returncode:
+        raise AssertionError(f"trainer failed ({proc.returncode}):\n" + "".join(lines[-40:]))
+    return lines, killed
+
+
+class Position:
+    """A stand-in data iterator for checkpoint tests: its state is a number."""
+
+    def __init__(self, n=0):
+        self.n = n
+
+    def get_state(self):
+        return {"n": self.n}
+
+    def set_state(self, state):
+        self.n = state["n"]
