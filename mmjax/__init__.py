@@ -8,4 +8,7 @@ def __getattr__(name: str):
     if name == "load":
         from mmjax.pretrained import load
         return load
+    if name == "pretrained":   # mmjax.pretrained.inference_spec(...) without an import of its own
+        import importlib
+        return importlib.import_module("mmjax.pretrained")
     raise AttributeError(f"module 'mmjax' has no attribute {name!r}")

@@ -36,8 +36,31 @@ EXPORTS = {
 }
 
 
-def plan_import(source: str, checkpoint: str, model: str | None = None) -> tuple[engine.Plan, dict]:
-    """(plan, state dict) for a source checkpoint; the model name is checked before the file is read."""
+def _sidecar_timm_args(checkpoint: str) -> dict | None:
+    """The timm.create_model arguments recorded beside a checkpoint: NAME.json (as `--to timm`
+    writes, {"architecture", "model_args"}) or config.json (timm's Hugging Face Hub layout, with
+    a top-level "global_pool"); None when neither is there."""
+    for path in (library_configs.sidecar_path(checkpoint), paths.join(paths.dirname(checkpoint), "config.json")):
+        if path != checkpoint and paths.isfile(path):
+            config = _read_json(path)
+            if not isinstance(config, dict):
+                raise engine.ConversionError(f"{path}: expected a JSON object (a timm model config)")
+            args = dict(config.get("model_args") or {})
+            if "global_pool" in config:
+                args.setdefault("global_pool", config["global_pool"])
+            return args
+    return None
+
+
+def plan_import(source: str, checkpoint: str, model: str | None = None,
+                timm_model_args: dict | None = None) -> tuple[engine.Plan, dict]:
+    """(plan, state dict) for a source checkpoint; the model name is checked before the file is read.
+
+    timm ViTs: `timm_model_args` are the timm.create_model arguments the checkpoint was made with
+    (its pooling: global_pool, fc_norm, class_token); None reads them from a timm config beside
+    the checkpoint (see `_sidecar_timm_args`), else the name's default pooling."""
+    if timm_model_args is not None and source != "timm":
+        raise engine.ConversionError("timm model arguments apply to --source timm only")
     if source not in SOURCES:
         raise engine.ConversionError(f"Unknown source {source!r}; known: {SOURCES}")
     if source == "hf":
@@ -52,8 +75,14 @@ def plan_import(source: str, checkpoint: str, model: str | None = None) -> tuple
     if source == "timm":
         family = beit if model.startswith("beit") else vit
         family.timm_architecture(model)
+        if family is beit:
+            if timm_model_args is not None:
+                raise engine.ConversionError("timm model arguments apply to timm ViTs only, not BEiT")
+            state = io.read_state_dict(checkpoint)
+            return beit.from_timm(model, state), state
+        args = timm_model_args if timm_model_args is not None else _sidecar_timm_args(checkpoint)
         state = io.read_state_dict(checkpoint)
-        return family.from_timm(model, state), state
+        return vit.from_timm(model, state, args), state
     if source == "dall_e":
         dvae.dall_e_model(model)
         state = io.read_state_dict(checkpoint)
@@ -64,9 +93,11 @@ def plan_import(source: str, checkpoint: str, model: str | None = None) -> tuple
 
 
 def import_checkpoint(source: str, checkpoint: str, output: str, model: str | None = None, *,
-                      scan: bool = False, overwrite: bool = False) -> engine.Plan:
-    """Converts a PyTorch checkpoint into an mmjax model directory (see mmjax.pretrained)."""
-    plan, state = plan_import(source, checkpoint, model)
+                      scan: bool = False, overwrite: bool = False,
+                      timm_model_args: dict | None = None) -> engine.Plan:
+    """Converts a PyTorch checkpoint into an mmjax model directory (see mmjax.pretrained);
+    `timm_model_args`: see plan_import."""
+    plan, state = plan_import(source, checkpoint, model, timm_model_args)
     module = pretrained.build(plan.model_class, plan.fields)
     expected = pretrained.abstract_params(module, plan.inputs)
     flat = engine.to_mmjax(state, plan.table, expected, what=f"{source} checkpoint {checkpoint}")
@@ -149,7 +180,9 @@ def _with_inference(hf_config: dict, config: dict) -> dict:
         from mmjax.data import tokenizers
         # Only a tokenizer whose ids fit the model (a run's own) says where text ends; a recorded
         # default (OpenAI's BPE on a CLIP with another vocabulary) keeps the largest id, as mmjax pools.
-        eot = int(tokenizers.build_tokenizer(known["tokenizer"]).eot_token_id)
-        if eot < hf_config["text_config"]["vocab_size"]:
-            hf_config["text_config"]["eos_token_id"] = eot
+        tokenizer, text = tokenizers.build_tokenizer(known["tokenizer"]), hf_config["text_config"]
+        if tokenizer.eot_token_id < text["vocab_size"]:
+            text["eos_token_id"] = int(tokenizer.eot_token_id)
+            sot = getattr(tokenizer, "sot_token_id", None)
+            text["bos_token_id"] = int(sot) if sot is not None and sot < text["vocab_size"] else text.get("bos_token_id")
     return hf_config

@@ -1,6 +1,7 @@
 """mmjax-convert: PyTorch checkpoints (timm, open_clip / OpenAI, Hugging Face, DALL-E dVAE) <-> mmjax.
 
     mmjax-convert --source timm --model vit_base_patch16_224 --checkpoint model.safetensors --output DIR
+        [--model-args '{"global_pool": "avg"}']   (the pooling it was made with; default: timm's config beside it)
     mmjax-convert --source open_clip --model ViT-B-16 --checkpoint open_clip_model.safetensors --output DIR
     mmjax-convert --source hf --checkpoint HF_MODEL_FOLDER --output DIR
     mmjax-convert --source dall_e --model encoder --checkpoint dall_e_encoder.pt --output DIR
@@ -16,6 +17,7 @@ A training workdir (mmjax-train --workdir) works as --input too: its newest good
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -35,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="timm / open_clip model name (or an open_clip config .json), "
                                    "dall_e: encoder or decoder; "
                                    "not needed for hf, whose config.json names the architecture")
+    p.add_argument("--model-args", metavar="JSON",
+                   help="timm ViTs: the timm.create_model arguments the checkpoint was made with, as a JSON "
+                        "object; its pooling is read (global_pool, fc_norm, class_token), e.g. "
+                        "'{\"global_pool\": \"avg\", \"fc_norm\": false}'. Default: from NAME.json or "
+                        "config.json beside the checkpoint (timm's Hub layout), else the name's global_pool='token'")
     p.add_argument("--checkpoint", help="state dict file (.safetensors, .bin, .pth), or a transformers folder")
     p.add_argument("--input", help="mmjax model directory or training workdir (with --to); a workdir "
                                    "alone becomes a model directory")
@@ -59,11 +66,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--to needs --input")
     if (args.step is not None or args.which != "params") and not args.input:
         parser.error("--step and --which apply to --input")
+    model_args = None
+    if args.model_args is not None:
+        if args.source != "timm":
+            parser.error("--model-args applies to --source timm")
+        try:
+            model_args = json.loads(args.model_args)
+        except json.JSONDecodeError as e:
+            parser.error(f"--model-args is not JSON: {e}")
+        if not isinstance(model_args, dict):
+            parser.error("--model-args must be a JSON object, e.g. '{\"global_pool\": \"avg\"}'")
     from mmjax.convert import api  # after argument checks: importing jax takes a moment
     try:
         if args.source:
             plan = api.import_checkpoint(args.source, args.checkpoint, args.output, args.model,
-                                         scan=args.scan, overwrite=args.overwrite)
+                                         scan=args.scan, overwrite=args.overwrite, timm_model_args=model_args)
             for note in plan.notes:
                 print(f"note: {note}")
             print(f"Wrote {plan.model_class.rsplit('.', 1)[-1]} from {args.source} {args.model or args.checkpoint} "

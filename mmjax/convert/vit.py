@@ -1,7 +1,12 @@
 """ViT tables: timm `VisionTransformer` and Hugging Face `ViTModel` / `ViTForImageClassification`.
 
 timm model names give the architecture (`vit_{size}_patch{P}[_clip][_quickgelu]_{res}`); the
-class count comes from the checkpoint's head. Hugging Face folders give it in config.json.
+class count comes from the checkpoint's head. The pooling (timm's `global_pool`, `fc_norm`) is not
+in a state dict's key names (global_pool="avg", fc_norm=False has token pooling's keys; "max" has
+"avg"'s), so it comes from the `timm.create_model` arguments the checkpoint was made with
+(`timm_model_args`: explicit, or a timm config beside the checkpoint), else from the name's default
+(global_pool="token"), checked against the keys the checkpoint carries. Hugging Face folders give
+it in config.json.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from mmjax.convert.engine import (
     ConversionError,
     Plan,
     Table,
+    HEADS_BIAS,
+    HEADS_IN,
     attention,
     conv,
     fused_qkv,
@@ -52,8 +59,21 @@ TIMM_TABLE = Table((
     rule("blocks.{i}.ls2.gamma", "encoder/layer_{i}/ls2"),
     *norm("norm", "norm"),
     *norm("fc_norm", "norm", export=False),     # global_pool="avg" (MAE fine-tuning): norm after pooling
+    # global_pool="map": timm's AttentionPoolLatent (one latent query, fused k|v) = mmjax's MAPHead
+    rule("attn_pool.latent", "map/probe"),
+    *heads_in("attn_pool.q", "map/attn/query"),
+    rule("attn_pool.kv.weight", ["map/attn/key/kernel", "map/attn/value/kernel"], HEADS_IN),
+    rule("attn_pool.kv.bias", ["map/attn/key/bias", "map/attn/value/bias"], HEADS_BIAS),
+    *heads_out("attn_pool.proj", "map/attn/out"),
+    *norm("attn_pool.norm", "map/ln"),
+    *linear("attn_pool.mlp.fc1", "map/mlp/fc1"),
+    *linear("attn_pool.mlp.fc2", "map/mlp/fc2"),
     *linear("head", "head"),
 ))
+
+# timm global_pool -> mmjax ViT pool; "max", "avgmax" and "prr" have no mmjax counterpart.
+TIMM_POOLS = {"token": "cls", "avg": "gap", "map": "map", "": "none"}
+TIMM_POOL_ARGS = ("global_pool", "fc_norm", "class_token", "pool_include_prefix")
 
 
 def timm_architecture(name: str) -> tuple[dict, int]:
@@ -71,14 +91,79 @@ def timm_architecture(name: str) -> tuple[dict, int]:
     return fields, int(m["res"])
 
 
-def from_timm(name: str, state: dict[str, np.ndarray]) -> Plan:
+def timm_pooling(name: str, state: dict[str, np.ndarray], model_args: dict | None = None) -> dict:
+    """The ViT fields (pool, class_token, fc_norm) of a timm ViT's pooling.
+
+    `model_args`: the timm.create_model arguments the checkpoint was made with (only global_pool,
+    fc_norm, class_token and pool_include_prefix are read); None: the name's default global_pool="token", or "map"
+    when the checkpoint holds an attention pool. Raises when the pooling cannot be determined,
+    contradicts the checkpoint, or has no mmjax counterpart (max, avgmax, prr).
+    """
+    args = dict(model_args or {})
+    has_norm, has_fc_norm = "norm.weight" in state, "fc_norm.weight" in state
+    has_map, has_cls = "attn_pool.latent" in state, "cls_token" in state
+    where = f"timm {name}"
+    if "global_pool" not in args:
+        if has_map:
+            args["global_pool"] = "map"     # only global_pool="map" builds timm's attn_pool
+        elif has_fc_norm and not has_norm and "fc_norm" not in args:
+            raise ConversionError(
+                f"{where}: the checkpoint has fc_norm and no final norm, so it pools by global_pool 'avg', "
+                "'avgmax' or 'max' (or 'token' with fc_norm=True), and its keys do not say which. Name it: "
+                "--model-args '{\"global_pool\": \"avg\"}' (api: timm_model_args=...), or put timm's config.json "
+                "(with global_pool) beside the checkpoint")
+        else:
+            args["global_pool"] = "token"   # the default of every name timm_architecture knows
+    pool = args["global_pool"]
+    if not isinstance(pool, str) or pool not in TIMM_POOLS:
+        raise ConversionError(
+            f"{where}: global_pool={pool!r} has no mmjax ViT counterpart; supported: "
+            f"{sorted(TIMM_POOLS)} (mmjax pools by class token, mean, attention probe or not at all; "
+            "max and avg+max pooling are not implemented)")
+    fc_norm = args.get("fc_norm")
+    fc_norm = pool in ("avg", "avgmax", "max") if fc_norm is None else bool(fc_norm)   # timm's rule
+    if fc_norm != (has_fc_norm and not has_norm):
+        raise ConversionError(
+            f"{where}: global_pool={pool!r} with fc_norm={fc_norm} needs {'fc_norm' if fc_norm else 'norm'} "
+            f"weights, but the checkpoint has {'fc_norm' if has_fc_norm else 'norm' if has_norm else 'neither'}; "
+            "the model arguments do not match the checkpoint")
+    if (pool == "map") != has_map:
+        raise ConversionError(f"{where}: global_pool={pool!r} does not match the checkpoint, which "
+                              f"{'has' if has_map else 'lacks'} attn_pool weights")
+    # timm pools ("avg", "map") over the patch tokens only unless pool_include_prefix; mmjax's "gap"
+    # skips the class token, its attention probe ("map") attends over every token.
+    include_prefix = bool(args.get("pool_include_prefix", False))
+    if has_cls and pool == "map" and not include_prefix:
+        raise ConversionError(f"{where}: global_pool='map' with a class token attends over the patch tokens "
+                              "only (pool_include_prefix=False); mmjax's attention pool attends over every "
+                              "token, the class token included")
+    if has_cls and pool == "avg" and include_prefix:
+        raise ConversionError(f"{where}: global_pool='avg' with pool_include_prefix=True averages the class "
+                              "token too; mmjax's mean pool averages the patch tokens only")
+    if "class_token" in args and bool(args["class_token"]) != has_cls:
+        raise ConversionError(f"{where}: class_token={args['class_token']} does not match the checkpoint, "
+                              f"which {'has' if has_cls else 'lacks'} cls_token")
+    if pool == "token" and not has_cls:
+        raise ConversionError(f"{where}: global_pool='token' needs a class token; the checkpoint has no cls_token")
+    if pool == "" and "head.weight" in state:
+        raise ConversionError(f"{where}: global_pool='' with a head applies the head to every token; "
+                              "mmjax's pool='none' returns the tokens without a head (num_classes=0 only)")
+    # Without pooling, fc_norm norms every token: the same as the final norm.
+    fields = {"pool": TIMM_POOLS[pool], "fc_norm": fc_norm and pool != ""}
+    if pool != "token":
+        fields["class_token"] = has_cls
+    return fields
+
+
+def from_timm(name: str, state: dict[str, np.ndarray], model_args: dict | None = None) -> Plan:
     fields, size = timm_architecture(name)
     head = state.get("head.weight")
     fields["num_classes"] = int(head.shape[0]) if head is not None else None
-    if "fc_norm.weight" in state and "norm.weight" not in state:
-        # global_pool="avg" (MAE-style fine-tuning): patch tokens averaged, then normed
-        fields.update(pool="gap", class_token="cls_token" in state, fc_norm=True)
-    return Plan(VIT, fields, [input_spec((1, size, size, 3))], TIMM_TABLE, {"library": "timm", "model": name})
+    fields.update(timm_pooling(name, state, model_args))
+    source = {"library": "timm", "model": name}
+    if model_args:
+        source["model_args"] = {k: model_args[k] for k in TIMM_POOL_ARGS if k in model_args}
+    return Plan(VIT, fields, [input_spec((1, size, size, 3))], TIMM_TABLE, source)
 
 
 def timm_export(config: dict) -> tuple[Table, None]:
