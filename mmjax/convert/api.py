@@ -184,5 +184,6 @@ def _with_inference(hf_config: dict, config: dict) -> dict:
         if tokenizer.eot_token_id < text["vocab_size"]:
             text["eos_token_id"] = int(tokenizer.eot_token_id)
             sot = getattr(tokenizer, "sot_token_id", None)
-            text["bos_token_id"] = int(sot) if sot is not None and sot < text["vocab_size"] else text.get("bos_token_id")
+            if sot is not None and sot < text["vocab_size"]:
+                text["bos_token_id"] = int(sot)
     return hf_config

@@ -16,11 +16,11 @@ import re
 import numpy as np
 
 from mmjax.convert.engine import (
+    HEADS_BIAS,
+    HEADS_IN,
     ConversionError,
     Plan,
     Table,
-    HEADS_BIAS,
-    HEADS_IN,
     attention,
     conv,
     fused_qkv,

@@ -258,8 +258,9 @@ def test_timm_avg_pool_fc_norm_vit_imports(tmp_path, randomize, images, convert,
         ref.head.weight.normal_(0.0, 0.1)
     assert "fc_norm.weight" in ref.state_dict() and "norm.weight" not in ref.state_dict()
     save_file(ref.state_dict(), str(tmp_path / "avg.safetensors"))
+    # The keys alone do not tell global_pool="avg" from "max" / "avgmax": it is named.
     convert("--source", "timm", "--model", "vit_tiny_patch16_224", "--checkpoint", tmp_path / "avg.safetensors",
-            "--output", tmp_path / "mm")
+            "--output", tmp_path / "mm", "--model-args", '{"global_pool": "avg"}')
     model, variables = mmjax.load(str(tmp_path / "mm"))
     assert (model.pool, model.fc_norm, model.class_token) == ("gap", True, True)
     x = images(2, seed=12)

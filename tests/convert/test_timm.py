@@ -245,3 +245,111 @@ def test_inexpressible_export_is_refused(base):
     params["pre_logits/kernel"] = np.zeros((768, 768), np.float32)
     with pytest.raises(ConversionError, match="pre_logits/kernel"):
         engine.to_torch(params, vit.TIMM_TABLE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling: timm's global_pool / fc_norm are not in a state dict's key names ("avg" with
+# fc_norm=False has token pooling's keys, "max" has "avg"'s), so the importer reads them from the
+# arguments the checkpoint was made with (--model-args, or a timm config beside the checkpoint),
+# checks them against the keys, and refuses what mmjax's ViT cannot pool like.
+# ---------------------------------------------------------------------------------------------
+
+TI = "vit_tiny_patch16_224"
+
+
+def _timm_tiny(randomize, seed, **kwargs):
+    torch.manual_seed(seed)
+    ref = randomize(timm.create_model(TI, pretrained=False, **kwargs), seed=seed)
+    if ref.num_classes:
+        with torch.no_grad():
+            ref.head.weight.normal_(0.0, 0.1)
+    return ref
+
+
+# (timm.create_model pooling arguments, how the importer learns them, mmjax (pool, fc_norm, class_token))
+POOLINGS = {
+    "avg_without_fc_norm": (dict(global_pool="avg", fc_norm=False), "cli", ("gap", False, True)),
+    "token_with_fc_norm": (dict(global_pool="token", fc_norm=True), "hub_config", ("cls", True, None)),
+    "avg": (dict(global_pool="avg"), "sidecar", ("gap", True, True)),
+    "avg_without_class_token": (dict(global_pool="avg", class_token=False), "cli", ("gap", True, False)),
+    "map": (dict(global_pool="map", class_token=False), "keys", ("map", False, False)),   # as SigLIP's
+    "map_over_every_token": (dict(global_pool="map", pool_include_prefix=True), "cli", ("map", False, True)),
+    "none": (dict(global_pool="", num_classes=0), "cli", ("none", False, True)),
+}
+
+
+@pytest.mark.parametrize("case", list(POOLINGS))
+def test_pooling_is_read_not_guessed(case, tmp_path, randomize, images, convert, diff):
+    """Logit (or token, for global_pool='') parity with timm for every pooling mmjax can express."""
+    kwargs, via, expected = POOLINGS[case]
+    kwargs = dict(kwargs)
+    ref = _timm_tiny(randomize, 21, num_classes=kwargs.pop("num_classes", 5), **kwargs)
+    ckpt = tmp_path / "model.safetensors"
+    save_file(ref.state_dict(), str(ckpt))
+    extra = []
+    if via == "cli":
+        extra = ["--model-args", json.dumps(kwargs)]
+    elif via == "hub_config":   # timm's Hugging Face Hub layout: global_pool at the top
+        pool = kwargs.pop("global_pool")
+        (tmp_path / "config.json").write_text(json.dumps(
+            {"architecture": TI, "num_classes": 5, "global_pool": pool, "model_args": kwargs}))
+    elif via == "sidecar":      # NAME.json beside NAME.safetensors, as `mmjax-convert --to timm` writes
+        (tmp_path / "model.json").write_text(json.dumps({"architecture": TI, "model_args": kwargs}))
+    convert("--source", "timm", "--model", TI, "--checkpoint", ckpt, "--output", tmp_path / "mm", *extra)
+    model, variables = mmjax.load(str(tmp_path / "mm"))
+    assert (model.pool, model.fc_norm, model.class_token) == expected
+    x = images(2, seed=22)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    got = np.asarray(jax.jit(model.apply)(variables, x))
+    assert got.shape == want.shape
+    assert diff(got, want, f"timm {TI} {case} vs mmjax") <= 1e-4
+
+
+def _zeros_state(**kwargs):
+    with torch.device("meta"):
+        ref = timm.create_model(TI, pretrained=False, **kwargs)
+    return {k: np.zeros(v.shape, np.float32) for k, v in ref.state_dict().items()}
+
+
+@pytest.mark.parametrize("pool", ["max", "avgmax"])
+def test_max_pooling_is_refused(pool, tmp_path, convert, capsys):
+    """max / avgmax have avg's keys: imported silently as mean pooling before; now refused, whether
+    named by --model-args, named by a config beside the checkpoint, or not named at all."""
+    state = _zeros_state(global_pool=pool, num_classes=5)
+    assert "fc_norm.weight" in state and "norm.weight" not in state
+    save_file({k: torch.from_numpy(v) for k, v in state.items()}, str(tmp_path / "m.safetensors"))
+    args = ["--source", "timm", "--model", TI, "--checkpoint", tmp_path / "m.safetensors", "--output", tmp_path / "o"]
+    with pytest.raises(SystemExit):
+        convert(*args, "--model-args", json.dumps({"global_pool": pool}))
+    assert f"global_pool={pool!r} has no mmjax ViT counterpart" in capsys.readouterr().err
+    with pytest.raises(SystemExit):         # no word about the pooling: the keys cannot tell
+        convert(*args)
+    assert "its keys do not say which" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": TI, "global_pool": pool}))
+    with pytest.raises(SystemExit):
+        convert(*args)
+    assert f"global_pool={pool!r} has no mmjax ViT counterpart" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "model_config.json").exists()
+
+
+def test_pooling_that_contradicts_the_checkpoint_is_refused():
+    token = _zeros_state(num_classes=5)
+    with pytest.raises(ConversionError, match="fc_norm=True needs fc_norm weights, but the checkpoint has norm"):
+        vit.from_timm(TI, token, {"global_pool": "avg"})         # timm's avg default: fc_norm
+    with pytest.raises(ConversionError, match="lacks attn_pool"):
+        vit.from_timm(TI, token, {"global_pool": "map"})
+    with pytest.raises(ConversionError, match="class_token=False does not match"):
+        vit.from_timm(TI, token, {"global_pool": "avg", "fc_norm": False, "class_token": False})
+    with pytest.raises(ConversionError, match="num_classes=0 only"):
+        vit.from_timm(TI, _zeros_state(global_pool="", num_classes=5), {"global_pool": ""})
+    # timm's attention pool skips the class token by default; mmjax's attends over every token.
+    with pytest.raises(ConversionError, match="attends over the patch tokens only"):
+        vit.from_timm(TI, _zeros_state(global_pool="map", num_classes=5))
+    with pytest.raises(ConversionError, match="averages the class token too"):
+        vit.from_timm(TI, _zeros_state(global_pool="avg", num_classes=5),
+                      {"global_pool": "avg", "pool_include_prefix": True})
+    with pytest.raises(ConversionError, match="'prr' has no mmjax ViT counterpart"):
+        vit.from_timm(TI, token, {"global_pool": "prr"})
+    # The name's default (token, final norm) still needs no word.
+    assert vit.from_timm(TI, token).fields["pool"] == "cls"
