@@ -32,16 +32,16 @@ def kind(model_config: Mapping) -> str:
     return "classifier" if model_config["fields"].get("num_classes") else "other"
 
 
-def spec(model_config: Mapping) -> dict:
+def spec(model_config: Mapping, timm_lookup: bool = True) -> dict:
     """{"preprocess", "tokenizer", "class_names", "kind"} of a model directory's or run's config.
 
     A timm checkpoint's transform is looked up in timm's pretrained configs here, when it is
-    used, rather than at conversion: importing timm imports torch, and converting a
-    .safetensors file needs neither."""
+    used (unless `timm_lookup=False`), rather than at conversion: importing timm imports
+    torch, and converting a .safetensors file needs neither."""
     stored = model_config if any(k in model_config for k in KEYS) else for_source(model_config)
     out = {**{k: stored.get(k) for k in KEYS}, "kind": kind(model_config)}
     source, size = model_config.get("source") or {}, image_size(model_config)
-    if out["preprocess"] is None and source.get("library") == "timm" and size is not None:
+    if timm_lookup and out["preprocess"] is None and source.get("library") == "timm" and size is not None:
         out["preprocess"] = timm_pp(source.get("model", ""), size)
     return out
 

@@ -171,7 +171,7 @@ def _with_inference(hf_config: dict, config: dict) -> dict:
     """The transformers config with what the model directory knows: class names as id2label, and
     CLIP's end-of-text id from its tokenizer (transformers pools text there)."""
     hf_config = json.loads(json.dumps(hf_config))
-    known = inference_spec.spec(config)
+    known = inference_spec.spec(config, timm_lookup=False)   # no transform needed: no timm import
     names = known["class_names"]
     if names and "id2label" in hf_config and len(hf_config["id2label"]) == len(names):
         hf_config["id2label"] = {str(i): n for i, n in enumerate(names)}
