@@ -28,6 +28,20 @@ def watch(proc: subprocess.Popen, kill_on=None, also_kill=()) -> tuple[list[str]
     return lines, killed
 
 
+def assert_same_train_state(reference: str, workdir: str) -> int:
+    """The newest good checkpoints of two runs hold byte-identical train states; returns the
+    number of bytes compared."""
+    import jax
+
+    from mmjax import checkpoint
+
+    want, got = checkpoint.load_train_state(reference), checkpoint.load_train_state(workdir)
+    assert jax.tree.structure(want) == jax.tree.structure(got)
+    pairs = list(zip(jax.tree.leaves(want), jax.tree.leaves(got)))
+    assert all(a.dtype == b.dtype and a.tobytes() == b.tobytes() for a, b in pairs)
+    return sum(a.nbytes for a, _ in pairs)
+
+
 class Position:
     """A stand-in data iterator for checkpoint tests: its state is a number."""
 
