@@ -182,23 +182,38 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def load_train_state(path: str, step: int | None = None, *, params_only: bool = False) -> dict:
+class MissingStateError(ValueError):
+    """A checkpoint's train state lacks the entries asked for; `available` lists what it holds."""
+
+    def __init__(self, step_dir: str, missing: list[str], available: list[str]):
+        super().__init__(f"{step_dir} holds no state/{', state/'.join(missing)} (it holds {available})")
+        self.available = available
+
+
+def load_train_state(path: str, step: int | None = None, *, params_only: bool = False,
+                     keys: tuple[str, ...] | None = None) -> dict:
     """Reads a train state onto the host as numpy arrays: no mesh, any number of devices.
 
     `path` is a workdir, its `checkpoints/` directory, or one step directory. Without `step`
-    the newest step that passes its manifest is read.
+    the newest step that passes its manifest is read. `keys` reads only those entries of the
+    state (e.g. ("ema_params",)); `params_only` is keys=("params",).
     """
     step_dir = resolve_step_dir(path, step)
     item_dir = paths.join(step_dir, "state")
+    keys = ("params",) if params_only else keys
     checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(item_dir).item_metadata.tree
-    if params_only:
-        tree = {"params": tree["params"]}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
-        item=tree, restore_args=restore_args, partial_restore=params_only))
-    checkpointer.close()
-    return restored
+    try:
+        tree = checkpointer.metadata(item_dir).item_metadata.tree
+        if keys is not None:
+            missing = [k for k in keys if k not in tree]
+            if missing:
+                raise MissingStateError(step_dir, missing, sorted(tree))
+            tree = {k: tree[k] for k in keys}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+            item=tree, restore_args=restore_args, partial_restore=keys is not None))
+    finally:
+        checkpointer.close()
 
 
 def restore_params(path: str, step: int | None = None) -> dict:

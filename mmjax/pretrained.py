@@ -181,13 +181,11 @@ def inference_spec(path: str, step: int | None = None) -> dict:
     mmjax.inference_spec); `step` is checked to exist in a run."""
     from mmjax import inference_spec as spec
     from mmjax import runs
-    if runs.is_run(path):
-        if step is not None:
-            runs.resolve_step(path, step)
-        return spec.spec(runs.read_model_config(path))
     if step is not None:
-        raise ValueError(f"{path} is a model directory: step= applies to training runs only")
-    return spec.spec(read_config(path))
+        if not runs.is_run(path):
+            raise ValueError(f"{path} is a model directory: step= applies to training runs only")
+        runs.resolve_step(path, step)
+    return spec.spec(model_config(path))
 
 
 def param_shardings(model: nn.Module, inputs: Sequence[dict], mesh: jax.sharding.Mesh,

@@ -15,10 +15,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 
 from mmjax import checkpoint, inference_spec, paths, pretrained
 
@@ -139,20 +136,12 @@ def read_params(workdir: str, step: int | None = None, which: str = "params") ->
         raise ValueError(f"which={which!r}: use one of {sorted(WHICH)}")
     model_config = read_model_config(workdir)
     step = resolve_step(workdir, step)
-    item_dir = paths.join(paths.absolute(workdir), "checkpoints", str(step), "state")
-    reader = ocp.PyTreeCheckpointer()
+    key = WHICH[which]
     try:
-        tree = reader.metadata(item_dir).item_metadata.tree
-        key = WHICH[which]
-        if key not in tree:
-            raise ValueError(f"The run {workdir} keeps no {which} parameters: its checkpoint at step {step} "
-                             f"has no state/{key} (it holds {sorted(tree)})")
-        wanted = {key: tree[key]}
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-        params = reader.restore(item_dir, args=ocp.args.PyTreeRestore(
-            item=wanted, restore_args=restore_args, partial_restore=True))[key]
-    finally:
-        reader.close()
+        params = checkpoint.load_train_state(workdir, step, keys=(key,))[key]
+    except checkpoint.MissingStateError as e:
+        raise ValueError(f"The run {workdir} keeps no {which} parameters: its checkpoint at step {step} "
+                         f"has no state/{key} (it holds {e.available})") from e
     subtree = model_config.get("params_key")
     if subtree:
         if subtree not in params:
