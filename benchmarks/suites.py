@@ -12,6 +12,7 @@ import jax
 from benchmarks import timing, workloads
 from benchmarks.workloads import Workload
 from mmjax import flops
+from mmjax.models import vit
 
 
 def speed_workloads(args, families=None) -> list[Workload]:
@@ -133,7 +134,7 @@ def scaling(args) -> list[dict[str, Any]]:
         parts = workloads.analytic_flops(w, train_mode=True)
         model = workloads.make_task(w).model
         rows.append({"workload": w.name, "batch": w.batch, "image_size": w.image_size,
-                     "tokens": flops.vit_tokens(model, (w.image_size, w.image_size)),
+                     "tokens": vit.tokens_seen(model, (w.image_size, w.image_size)),
                      "step_time_s": measured["step_time_s"], "compile_s": measured["compile_s"],
                      "gflops_per_example": flops.TRAIN_FACTOR * flops.total(parts) / 1e9,
                      "attention_share": parts["blocks_attention"] / flops.total(parts)})

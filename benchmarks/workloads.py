@@ -16,7 +16,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from mmjax import faults, flops, tasks, train
+from mmjax import faults, tasks, train
+from mmjax.models import clip, vit
 
 # open_clip's ViT-B-16 text tower; the image towers come from the ViT variants table.
 CLIP_TEXT = {"B": {"vocab_size": 49_408, "context_length": 77, "width": 512, "depth": 12, "num_heads": 8},
@@ -113,19 +114,19 @@ def build(w: Workload, seed: int = 0) -> Built:
     step = train.make_train_step(task, tx, optax.constant_schedule(1e-4), jax.random.key(seed + 1))
     model = task.model
     if w.family == "vit":
-        forward = jax.jit(lambda p, b: model.apply({"params": p}, b["image"]))
+        forward = jax.jit(lambda p, b: model.apply({"params": p}, b["image"])["logits"])
     else:
         forward = jax.jit(lambda p, b: model.apply({"params": p}, b["image"], b["text"]))
     return Built(w, task, batch, state, forward, jax.jit(step, donate_argnums=(0,)))
 
 
 def analytic_flops(w: Workload, train_mode: bool) -> dict[str, float]:
-    """Forward FLOPs per example by part (mmjax.flops), in training or inference mode.
+    """Forward FLOPs per example by part (each family's `forward_flops`), in training or inference mode.
 
     Inference runs the towers only; training adds the example's row of contrastive logits.
     """
     task = make_task(w)
     if w.family == "vit":
-        return flops.vit_flops(task.model, (w.image_size, w.image_size), train=train_mode)
-    return flops.clip_flops(task.model, (w.image_size, w.image_size), w.text_length,
-                            batch_size=w.batch if train_mode else None, train=train_mode)
+        return vit.forward_flops(task.model, (w.image_size, w.image_size), train=train_mode)
+    return clip.forward_flops(task.model, (w.image_size, w.image_size), w.text_length,
+                              batch_size=w.batch if train_mode else None, train=train_mode)

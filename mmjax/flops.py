@@ -1,22 +1,21 @@
-"""Analytic FLOP counts for mmjax's model families, peak accelerator throughput and MFU.
+"""Analytic FLOP counts: the shared arithmetic, peak accelerator throughput and MFU.
 
 Counts are matmul FLOPs (2 per multiply-add), MaxText-style: projections, attention scores and
-the attention-weighted sum, MLPs, patch embedding, heads. Norms, softmax and activations are
-left out (a few % of the total); so are embedding look-ups. Attention is counted in full, also
-when causal, because the "xla" backend computes the full score matrix.
+the attention-weighted sum, MLPs, convolutions (patch embedding), heads. Norms, softmax and
+activations are left out (a few % of the total); so are embedding look-ups. Attention is counted
+in full, also when causal, because the "xla" backend computes the full score matrix.
 
-Training costs 3× the forward pass (forward, plus two matmuls per matmul in the backward pass).
-That is the *model* FLOP count that MFU uses; rematerialisation adds recomputed forward work
-on top (`remat_recompute_flops`), which is hardware work but not model progress.
+Each model family counts itself next to its architecture (`forward_flops` in
+mmjax/models/<family>.py) from the pieces here, and each task turns that into the
+`train_flops_per_example` the trainer logs as TFLOP/s and MFU. Training costs 3× the forward
+pass (forward, plus two matmuls per matmul in the backward pass). That is the *model* FLOP count
+that MFU uses; rematerialisation adds recomputed forward work on top (`remat_recompute_flops`),
+which is hardware work but not model progress.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from mmjax.models import clip as clip_lib
-from mmjax.models import text as text_lib
-from mmjax.models import vit as vit_lib
+from collections.abc import Mapping, Sequence
 
 TRAIN_FACTOR = 3.0   # forward + backward (grad w.r.t. activations and w.r.t. weights)
 
@@ -58,91 +57,56 @@ def throughput(train_flops_per_example: float, examples_per_sec: float, num_devi
     return out
 
 
-def encoder_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> dict[str, float]:
-    """Forward FLOPs of `depth` pre-LN blocks on one sequence of `tokens` tokens.
-
-    "linear" grows with the token count (q/k/v/out projections and the MLP); "attention" is
-    the quadratic part (scores q·kᵀ and the weighted sum of values).
-    """
-    linear = 2.0 * tokens * (4 * width * width + 2 * width * mlp_dim)
-    attention = 4.0 * tokens * tokens * width
-    return {"linear": depth * linear, "attention": depth * attention}
+def dense(tokens: float, d_in: int, d_out: int) -> float:
+    """A (tokens, d_in) × (d_in, d_out) matmul."""
+    return 2.0 * tokens * d_in * d_out
 
 
-def vit_tokens(model: vit_lib.ViT, image_hw: tuple[int, int], train: bool = False) -> int:
-    """Tokens the encoder sees: kept patches (patch dropping in training) plus [CLS]."""
-    patch = model.arch()["patch_size"]
-    patches = (image_hw[0] // patch[0]) * (image_hw[1] // patch[1])
-    if train:
-        patches = vit_lib.kept_patches(patches, model.patch_drop_ratio)
-    class_token = getattr(model, "class_token", None)
-    return patches + int(model.pool == "cls" if class_token is None else class_token)
+def attention(queries: float, keys: float, width: int) -> float:
+    """Scores q·kᵀ and the weighted sum of values, over all heads (width = heads × head_dim)."""
+    return 4.0 * queries * keys * width
 
 
-def patch_embed_flops(model: vit_lib.ViT, image_hw: tuple[int, int]) -> float:
-    """The patchify convolution, or the conv stem's 3×3 stride-2 layers plus its last conv."""
-    arch = model.arch()
-    patch, width = arch["patch_size"], arch["width"]
-    h, w, channels = image_hw[0], image_hw[1], model.in_channels
-    flops = 0.0
-    for c in getattr(model, "conv_stem", ()) or ():   # SAME padding: each layer halves h and w
-        h, w = -(-h // 2), -(-w // 2)
-        flops += 2.0 * h * w * 9 * channels * c
-        channels = c
-    reduction = 2 ** len(getattr(model, "conv_stem", ()) or ())
-    last = (patch[0] // reduction, patch[1] // reduction)
-    grid = (image_hw[0] // patch[0]) * (image_hw[1] // patch[1])
-    return flops + 2.0 * grid * last[0] * last[1] * channels * width
+def _taps(size: int, kernel: int, stride: int, padding: str) -> tuple[int, int]:
+    """(output size, kernel taps that land inside the input, summed over output positions) along
+    one axis; taps on SAME padding multiply zeros and are not counted, as XLA does not."""
+    if padding == "VALID":
+        out = (size - kernel) // stride + 1
+        return out, out * kernel
+    out = -(-size // stride)
+    low = max((out - 1) * stride + kernel - size, 0) // 2
+    starts = (o * stride - low for o in range(out))
+    return out, sum(min(kernel, size - start) - max(0, -start) for start in starts)
 
 
-def vit_flops(model: vit_lib.ViT, image_hw: tuple[int, int], train: bool = False) -> dict[str, float]:
-    """Forward FLOPs per image of a `mmjax.models.vit.ViT`, by part. `train` applies patch dropping."""
-    arch = model.arch()
-    width, mlp_dim = arch["width"], arch["mlp_dim"]
-    tokens = vit_tokens(model, image_hw, train)
-    out = {"patch_embed": patch_embed_flops(model, image_hw)}
-    blocks = encoder_flops(tokens, width, arch["depth"], mlp_dim)
-    out["blocks_linear"], out["blocks_attention"] = blocks["linear"], blocks["attention"]
-    head = 0.0
-    if model.pool == "map":   # one query attending over all tokens, then an MLP
-        head += 2.0 * (2 * width * width + 2 * tokens * width * width) + 4.0 * tokens * width
-        head += 4.0 * width * mlp_dim
-    features = width
-    if model.representation_size is not None:
-        head += 2.0 * width * model.representation_size
-        features = model.representation_size
-    if model.num_classes is not None:
-        head += 2.0 * features * model.num_classes
-    out["head"] = head
-    return out
+def conv(in_hw: Sequence[int], kernel_hw: Sequence[int], c_in: int, c_out: int, stride: int | Sequence[int] = 1,
+         padding: str = "SAME") -> float:
+    """A 2-D convolution of an (h, w, c_in) map: 2 per multiply-add of a kernel tap inside the
+    input. A patch embedding is one with kernel = stride = patch and "VALID" padding."""
+    if padding not in ("SAME", "VALID"):
+        raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
+    strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    (_, taps_h), (_, taps_w) = (_taps(n, k, st, padding) for n, k, st in zip(in_hw, kernel_hw, strides))
+    return 2.0 * taps_h * taps_w * c_in * c_out
 
 
-def text_flops(model: text_lib.TextTransformer, length: int) -> dict[str, float]:
-    """Forward FLOPs per sequence of a `mmjax.models.text.TextTransformer`, by part."""
-    blocks = encoder_flops(length, model.width, model.depth, model.mlp_dim or 4 * model.width)
-    return {"blocks_linear": blocks["linear"], "blocks_attention": blocks["attention"]}
+def patch_embed(image_hw: Sequence[int], patch: Sequence[int], c_in: int, width: int) -> float:
+    """The patchify convolution (kernel = stride = patch)."""
+    return conv(image_hw, patch, c_in, width, stride=tuple(patch), padding="VALID")
 
 
-def clip_towers(model: clip_lib.CLIP) -> tuple[vit_lib.ViT, text_lib.TextTransformer]:
-    """The image and text towers exactly as `CLIP.setup` builds them (same defaults)."""
-    image_cfg, text_cfg = clip_lib.tower_configs(model)
-    return vit_lib.ViT(**image_cfg), text_lib.TextTransformer(**text_cfg)
+def transformer_blocks(tokens: int, width: int, depth: int, mlp_dim: int, name: str = "blocks") -> dict[str, float]:
+    """Forward FLOPs of `depth` transformer blocks on one sequence of `tokens` tokens, as two
+    parts: "{name}_linear" grows with the token count (q/k/v/out projections and the MLP),
+    "{name}_attention" is the quadratic part (scores q·kᵀ and the weighted sum of values).
+    `name` must contain "blocks" for `remat_recompute_flops` to find the parts."""
+    linear = 4 * dense(tokens, width, width) + 2 * dense(tokens, width, mlp_dim)
+    return {f"{name}_linear": depth * linear, f"{name}_attention": depth * attention(tokens, tokens, width)}
 
 
-def clip_flops(model: clip_lib.CLIP, image_hw: tuple[int, int], text_length: int,
-               batch_size: int | None = None, train: bool = False) -> dict[str, float]:
-    """Forward FLOPs per image-text pair of a `mmjax.models.clip.CLIP`, by part.
-
-    With `batch_size` (the global batch), adds the pair's share of the contrastive logits:
-    one row of the (B, B) similarity matrix.
-    """
-    image, txt = clip_towers(model)
-    out = {f"image_{k}": v for k, v in vit_flops(image, image_hw, train).items()}
-    out.update({f"text_{k}": v for k, v in text_flops(txt, text_length).items()})
-    image_width = image.representation_size or image.arch()["width"]
-    out["projections"] = 2.0 * model.embed_dim * (image_width + txt.width)
-    out["logits"] = 2.0 * batch_size * model.embed_dim if batch_size else 0.0
-    return out
+def prefixed(prefix: str, parts: Mapping[str, float]) -> dict[str, float]:
+    """`parts` with every name prefixed (a tower's count inside a larger model's)."""
+    return {f"{prefix}{k}": v for k, v in parts.items()}
 
 
 def remat_recompute_flops(forward: Mapping[str, float], policy: str) -> float:
@@ -152,9 +116,10 @@ def remat_recompute_flops(forward: Mapping[str, float], policy: str) -> float:
     attention matmuls (which have a batch dimension); "dots" and "none" recompute no matmuls.
     """
     blocks = sum(v for k, v in forward.items() if "blocks_" in k)
-    attention = sum(v for k, v in forward.items() if "blocks_attention" in k)
-    return {"none": 0.0, "dots": 0.0, "dots_no_batch": attention, "full": blocks}[policy]
+    quadratic = sum(v for k, v in forward.items() if "blocks_attention" in k)
+    return {"none": 0.0, "dots": 0.0, "dots_no_batch": quadratic, "full": blocks}[policy]
 
 
 def total(parts: Mapping[str, float]) -> float:
+    """The sum of a count's parts."""
     return float(sum(parts.values()))

@@ -10,7 +10,7 @@ Config pieces (ConfigDicts or plain dicts)::
 by ``layer_decay ** (L + 1 - layer_id)``: embeddings have id 0, block i has id i + 1 and the
 rest (final norm, head) L + 1, where L is the number of blocks.
 
-Parameter paths are the pytree keys joined by '/', e.g.
+Parameter paths are the pytree keys joined by '/' (mmjax.param_paths), e.g.
 ``image/encoder/layer_0/attn/query/kernel``. Params are expected as plain
 arrays (the trainer unboxes flax ``nn.LogicallyPartitioned`` before building
 optimizer state). Boxed trees are tolerated: each box is treated as one leaf,
@@ -26,7 +26,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax.core import meta
+
+from mmjax import param_paths
 
 __all__ = [
     "DEFAULT_WD_EXCLUDE",
@@ -36,6 +37,9 @@ __all__ = [
     "layer_ids",
     "make_schedule",
     "build_optimizer",
+    "trainable_mask",
+    "split_frozen",
+    "merge_frozen",
 ]
 
 # Parameters never weight-decayed by default (matched with re.search on the path).
@@ -59,29 +63,8 @@ _SCHEDULE_KEYS = ("lr", "warmup_steps", "decay", "end_lr")
 _DECAYS = ("cosine", "linear", "constant")
 
 
-def _is_box(x: Any) -> bool:
-    return isinstance(x, meta.AxisMetadata)
-
-
-def _key_str(key: Any) -> str:
-    for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey.
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def path_strings(params: Any) -> Any:
-    """Returns a pytree like ``params`` whose leaves are the '/'-joined key paths."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: "/".join(_key_str(k) for k in path), params, is_leaf=_is_box)
-
-
-def _as_list(patterns: str | Sequence[str] | None) -> list[str]:
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        return [patterns]
-    return list(patterns)
+# A pytree like ``params`` whose leaves are the '/'-joined key paths (see mmjax.param_paths).
+path_strings = param_paths.tree_paths
 
 
 def decay_mask(params: Any, exclude: str | Sequence[str] | None = None) -> Any:
@@ -91,38 +74,20 @@ def decay_mask(params: Any, exclude: str | Sequence[str] | None = None) -> Any:
     ``exclude`` regexes (``None`` -> ``DEFAULT_WD_EXCLUDE``; a given list
     replaces the defaults). Vectors and scalars are never decayed.
     """
-    patterns = [re.compile(p) for p in
-                (DEFAULT_WD_EXCLUDE if exclude is None else _as_list(exclude))]
-
-    def leaf_mask(path: Any, leaf: Any) -> bool:
-        value = leaf.unbox() if _is_box(leaf) else leaf
-        name = "/".join(_key_str(k) for k in path)
-        ndim = len(value.shape) if hasattr(value, "shape") else jnp.ndim(value)
-        return ndim >= 2 and not any(p.search(name) for p in patterns)
-
-    return jax.tree_util.tree_map_with_path(leaf_mask, params, is_leaf=_is_box)
+    patterns = [re.compile(p) for p in (DEFAULT_WD_EXCLUDE if exclude is None
+                                        else param_paths.patterns(exclude, "optimizer.wd_exclude"))]
+    return param_paths.map_with_paths(
+        lambda path, leaf: len(param_paths.shape(leaf)) >= 2 and not param_paths.search_any(patterns, path),
+        params)
 
 
-# Layer-wise lr decay: what counts as the embedding (layer 0) and where the blocks are.
+# Layer-wise lr decay: what counts as the embedding (layer 0); blocks are found by param_paths.
 LAYER_DECAY_EMBED = r"(^|/)(embedding|stem|cls|mask_token|posemb)(/|$)"
-_BLOCK = re.compile(r"(^|/)layer_(\d+)(/|$)")      # unscanned block i
-_STACK = re.compile(r"(^|/)layers(/|$)")             # scanned blocks: leading axis is the layer
-
-
-def _shape(leaf: Any) -> tuple[int, ...]:
-    value = leaf.unbox() if _is_box(leaf) else leaf
-    return tuple(value.shape) if hasattr(value, "shape") else tuple(jnp.shape(value))
 
 
 def _num_blocks(params: Any) -> int:
     """Blocks in the model's stack: layer_N count, or the leading axis of scanned `layers`."""
-    depths = set()
-    unscanned = [int(m.group(2)) for m in (_BLOCK.search(p) for p in jax.tree.leaves(path_strings(params))) if m]
-    if unscanned:
-        depths.add(max(unscanned) + 1)
-    leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_box)
-    depths |= {_shape(leaf)[0] for path, leaf in leaves
-               if _STACK.search("/".join(_key_str(k) for k in path))}
+    depths = param_paths.stack_depths(params)
     if len(depths) != 1:
         raise ValueError("optimizer.layer_decay needs one stack of blocks named layer_N or a scanned "
                          f"'layers' stack; found depths {sorted(depths) or 'none'}")
@@ -135,17 +100,15 @@ def layer_ids(params: Any, num_blocks: int | None = None) -> Any:
     depth = _num_blocks(params) if num_blocks is None else num_blocks
     embed = re.compile(LAYER_DECAY_EMBED)
 
-    def leaf_id(path: Any, leaf: Any) -> Any:
-        name = "/".join(_key_str(k) for k in path)
-        if _STACK.search(name):
-            shape = _shape(leaf)
-            return jnp.arange(1, depth + 1).reshape((depth,) + (1,) * (len(shape) - 1))
-        block = _BLOCK.search(name)
-        if block:
-            return int(block.group(2)) + 1
-        return 0 if embed.search(name) else depth + 1
+    def leaf_id(path: str, leaf: Any) -> Any:
+        if param_paths.is_stacked(path):
+            return jnp.arange(1, depth + 1).reshape((depth,) + (1,) * (len(param_paths.shape(leaf)) - 1))
+        block = param_paths.block_index(path)
+        if block is not None:
+            return block + 1
+        return 0 if embed.search(path) else depth + 1
 
-    return jax.tree_util.tree_map_with_path(leaf_id, params, is_leaf=_is_box)
+    return param_paths.map_with_paths(leaf_id, params)
 
 
 def _scale_by_layer_decay(decay: float, num_blocks: int) -> optax.GradientTransformation:
@@ -286,6 +249,9 @@ def build_optimizer(
     -> -lr(step) [-> × layer_decay ** (L + 1 - layer id)].
     "adamw" follows optax.adamw: update = -lr * (adam + wd * param).
     Clipping sees only trainable grads, so frozen grads never shrink the rest.
+    Frozen leaves keep no optimizer state, and tx also takes the trainable partition alone
+    (``split_frozen``: frozen leaves are ``optax.MaskedNode`` holes in grads and params), which
+    is how the trainer runs it, so frozen leaves get no gradients either.
     ``params`` (plain arrays, or shape structs) is used to check ``freeze``.
     Returns the schedule too, for logging the learning rate.
     """
@@ -307,10 +273,38 @@ def build_optimizer(
     clip = cfg.get("grad_clip_norm")
     if clip:
         tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
-    freeze = _as_list(cfg.get("freeze"))
+    freeze = list(param_paths.patterns(cfg.get("freeze"), "optimizer.freeze"))
     if freeze:
         _check_freeze(params, freeze)
         tx = optax.multi_transform(
             {"trainable": tx, "frozen": optax.set_to_zero()},
             lambda p: _freeze_labels(p, freeze))
     return tx, schedule
+
+
+# --- The trainable / frozen partition: frozen leaves are not differentiated ---------------------
+
+def trainable_mask(optimizer_cfg: Any, params: Any) -> Any | None:
+    """A bool tree like ``params``: False where ``optimizer.freeze`` matches; None if nothing is."""
+    freeze = list(param_paths.patterns(_to_dict(optimizer_cfg, "optimizer").get("freeze"), "optimizer.freeze"))
+    if not freeze:
+        return None
+    _check_freeze(params, freeze)
+    return jax.tree.map(lambda label: label == "trainable", _freeze_labels(params, freeze))
+
+
+def split_frozen(params: Any, mask: Any | None) -> tuple[Any, Any]:
+    """(trainable, frozen): two trees like ``params``, each with an ``optax.MaskedNode`` hole
+    (no leaf) where the other holds the parameter. Without a mask: (params, None)."""
+    if mask is None:
+        return params, None
+    trainable = jax.tree.map(lambda keep, p: p if keep else optax.MaskedNode(), mask, params)
+    frozen = jax.tree.map(lambda keep, p: optax.MaskedNode() if keep else p, mask, params)
+    return trainable, frozen
+
+
+def merge_frozen(trainable: Any, frozen: Any, mask: Any | None) -> Any:
+    """The full parameter tree again (the inverse of ``split_frozen``)."""
+    if mask is None:
+        return trainable
+    return jax.tree.map(lambda keep, t, f: t if keep else f, mask, trainable, frozen)

@@ -113,7 +113,7 @@ class Classifier:
     def _classifier_scores(self, variables: dict) -> Callable[[np.ndarray], np.ndarray]:
         import jax
 
-        logits_fn = jax.jit(lambda x: self.model.apply(variables, x))
+        logits_fn = jax.jit(lambda x: self.model.apply(variables, x)["logits"])
 
         def probs(images: np.ndarray) -> np.ndarray:
             logits = np.asarray(logits_fn(images), np.float32)

@@ -28,15 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mmjax import paths
-from mmjax.convert.engine import (
-    ConversionError,
-    flatten,
-    stack_layers,
-    unflatten,
-    unstack_layers,
-)
-from mmjax.models import layers
+from mmjax import layers, paths
+from mmjax.convert.engine import ConversionError, stack_layers
+from mmjax.param_paths import flatten, is_stacked, unflatten, unstack_layers
 
 FORMAT = "mmjax-model/1"
 CONFIG_FILE = "model_config.json"
@@ -221,7 +215,7 @@ def _load(path: str, step: int | None, which: str, image_size, overrides: dict):
     model = cls(**_as_tuples(fields))
     expected = abstract_params(model, inputs)
 
-    scanned = any("/layers/" in f"/{p}" for p in expected)
+    scanned = any(is_stacked(p) for p in expected)
     stored = stack_layers(stored) if scanned else unstack_layers(stored)
     image_hw = next((s["shape"][1:3] for s in inputs if len(s["shape"]) == 4), None)
     stored = _resize_to_model(stored, expected, image_hw)

@@ -20,7 +20,8 @@ import ml_collections
 from mmjax import checkpoint, inference_spec, paths, pretrained
 
 TRAIN_CONFIG = "config.json"
-# which= -> the train-state key that holds those parameters.
+# which= -> the train-state key that holds those parameters. "ema_params" is task-owned extra
+# state (mmjax/tasks/base.py), e.g. the momentum encoder of the contrastive_momentum task.
 WHICH = {"params": "params", "ema": "ema_params"}
 
 
@@ -54,9 +55,16 @@ def write_model_config(workdir: str, config: ml_collections.ConfigDict, task: An
         json.dump(model_config, f, indent=2)
 
 
+def _of_kind(evals: Mapping, kind: str) -> list[Mapping]:
+    """The evaluator blocks of `evals` of one kind (mmjax.evaluate.runner: the kind defaults to the name)."""
+    from mmjax.evaluate import runner
+
+    return [cfg for name, cfg in evals.items() if isinstance(cfg, Mapping) and runner.kind_of(name, cfg) == kind]
+
+
 def _first_pp(evals: Mapping) -> str | None:
-    """zeroshot's pp, else top1's, else the first evaluator's (nested blocks searched too)."""
-    blocks = [evals.get("zeroshot"), evals.get("top1"), *evals.values()]
+    """A zeroshot evaluator's pp, else a top1's, else the first evaluator's (nested blocks searched too)."""
+    blocks = [*_of_kind(evals, "zeroshot"), *_of_kind(evals, "top1"), *evals.values()]
     for block in blocks:
         if isinstance(block, Mapping):
             pp = block.get("pp") if isinstance(block.get("pp"), str) else _first_pp(block)
@@ -75,8 +83,9 @@ def inference_keys(config: ml_collections.ConfigDict, model_config: Mapping) -> 
     tokenizer = config.input.get("tokenizer")
     kind, names = inference_spec.kind(model_config), None
     if kind != "other":
-        candidates = [config.input.data] + [evals[k]["data"] for k in ("top1", "zeroshot") if k in evals]
-        names = (evals.get("zeroshot") or {}).get("class_names") if kind == "contrastive" else None
+        candidates = [config.input.data] + [b["data"] for b in _of_kind(evals, "top1") + _of_kind(evals, "zeroshot")]
+        zeroshot = _of_kind(evals, "zeroshot")
+        names = zeroshot[0].get("class_names") if kind == "contrastive" and zeroshot else None
         for data in candidates:
             names = names or sources.class_names(data)
         classes = model_config["fields"].get("num_classes")

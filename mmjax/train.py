@@ -78,23 +78,73 @@ def optimizer_shardings(tx: optax.GradientTransformation, params, param_sharding
                                  transform_non_params=lambda _: replicated, is_leaf=masked)
 
 
+# The trainer's own train-state entries; any other entry is the task's extra state.
+TRAINER_KEYS = ("step", "params", "opt_state", "nonfinite")
+
+
+def init_extra_state(task: tasks.Task, params, mesh, rules, rng: jax.Array, init_batch) -> tuple[dict, dict]:
+    """The task's extra train state (`Task.init_extra_state`) created in its shardings, which
+    follow the same logical-axis rules as the parameters: (state entries, their shardings).
+
+    `params` (the initial, possibly warm-started ones) reach the task in their logical boxes.
+    A task that keeps the base class's method owns no extra state: ({}, {}), nothing traced.
+    """
+    if type(task).init_extra_state is tasks.Task.init_extra_state:
+        return {}, {}
+    boxes = jax.eval_shape(task.init_variables, rng, init_batch)["params"]   # the params' logical axes
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    boxed = jax.tree.map(lambda box, p: box.replace_boxed(p) if is_box(box) else p, boxes, params, is_leaf=is_box)
+    extra_rng = jax.random.fold_in(rng, 1)   # init_rng itself made the parameters
+    abstract = jax.eval_shape(task.init_extra_state, boxed, extra_rng)
+    if abstract is None:
+        return {}, {}
+    if not isinstance(abstract, dict) or set(abstract) & set(TRAINER_KEYS):
+        got = sorted(abstract) if isinstance(abstract, dict) else type(abstract).__name__
+        raise ValueError(f"{type(task).__name__}.init_extra_state must return a dict of named entries "
+                         f"other than {TRAINER_KEYS}; got {got}")
+    return sharding.init_sharded(task.init_extra_state, mesh, rules, boxed, extra_rng)
+
+
+def _check_extra(task: tasks.Task, old, new) -> None:
+    same = jax.tree.structure(old) == jax.tree.structure(new) and all(
+        (a.shape, a.dtype) == (b.shape, b.dtype) for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)))
+    if not same:
+        raise ValueError(f"{type(task).__name__}.train_loss returned extra state unlike the one it was "
+                         f"given (structure, shapes and dtypes must stay): {jax.tree.map(jnp.shape, new)} "
+                         f"for {jax.tree.map(jnp.shape, old)}")
+
+
 def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    dropout_rng: jax.Array):
-    """(state, batch) -> (new state, metrics): one optimizer step on the task's loss."""
+                    dropout_rng: jax.Array, trainable=None):
+    """(state, batch) -> (new state, metrics): one optimizer step on the task's loss.
+
+    State entries besides TRAINER_KEYS are the task's extra state, which `Task.train_loss`
+    updates. `trainable` (`optim.trainable_mask`, None: all) leaves out frozen parameters: the
+    loss is differentiated w.r.t. the trainable ones alone, the frozen ones are constants to it.
+    """
 
     def train_step(state, batch):
         step_rng = jax.random.fold_in(dropout_rng, state["step"])
-        (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(state["params"], batch, step_rng)
+        extra = {k: v for k, v in state.items() if k not in TRAINER_KEYS}
+        params, frozen = optim.split_frozen(state["params"], trainable)
+
+        def loss_fn(params):
+            return task.train_loss(optim.merge_frozen(params, frozen, trainable), extra, batch, step_rng)
+
+        (loss, (aux, new_extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        _check_extra(task, extra, new_extra)
         grad_norm = optax.tree.norm(grads)
 
-        def apply_update(grads, params, opt_state):
+        def apply_update(grads_and_extra, params, opt_state, extra):
+            grads, new_extra = grads_and_extra
             updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
+            return optax.apply_updates(params, updates), opt_state, new_extra
 
-        params, opt_state = faults.apply_if_finite(loss, grad_norm, apply_update, grads, state["params"],
-                                                   state["opt_state"])
+        params, opt_state, extra = faults.apply_if_finite(loss, grad_norm, apply_update, (grads, new_extra),
+                                                          params, state["opt_state"], extra)
         step = state["step"] + 1
-        new_state = dict(state, step=step, params=params, opt_state=opt_state,
+        new_state = dict(state, step=step, params=optim.merge_frozen(params, frozen, trainable),
+                         opt_state=opt_state, **extra,
                          nonfinite=faults.count_nonfinite(state["nonfinite"], loss, grad_norm, step))
         aux = dict(aux, loss=loss, grad_norm=grad_norm, lr=schedule(state["step"]),
                    nonfinite_steps=new_state["nonfinite"]["count"])
@@ -153,10 +203,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: str | None 
         tx, schedule = optim.build_optimizer(config.optimizer, config.schedule, steps, params)
         opt_shardings = optimizer_shardings(tx, params, param_shardings, replicated)
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+        extra, extra_shardings = init_extra_state(task, params, mesh, rules, init_rng, init_batch)
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
-                 "nonfinite": faults.init_counters()}
+                 "nonfinite": faults.init_counters(), **extra}
         state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings,
-                           "nonfinite": {"count": replicated, "first_step": replicated}}
+                           "nonfinite": {"count": replicated, "first_step": replicated}, **extra_shardings}
 
         start, restored = ckpt.restore_latest(checkpoint.abstract_like(state, state_shardings), data_iter)
         if start is not None:
@@ -178,7 +229,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: str | None 
                           + (f"MFU against {peak} TFLOP/s bf16 peak per {device_kind}" if peak else
                              f"no bf16 peak known for {device_kind!r}, so no MFU"))
 
-        train_step = make_train_step(task, tx, schedule, dropout_rng)
+        train_step = make_train_step(task, tx, schedule, dropout_rng, optim.trainable_mask(config.optimizer, params))
         step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                           out_shardings=(state_shardings, replicated), donate_argnums=(0,))
         evals = config.get("evals", {})

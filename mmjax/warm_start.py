@@ -6,8 +6,9 @@
           optimizer state) or a model directory written by `mmjax-convert` (model_config.json
           + checkpoint/)
   step    the workdir's checkpoint step to read (default: the newest good one)
-  preset  a named mapping from PRESETS ("same", "mae_to_vit", "beit_to_classifier"); the lists
-          below extend it, and rules given here are tried before the preset's
+  preset  a registered mapping by name ("same" here; each family registers its own with
+          `register_preset` in mmjax/convert/<family>.py: "mae_to_vit", "beit_to_classifier");
+          the lists below extend it, and rules given here are tried before the preset's
   rules   [(target regex, source template), ...]: a target parameter whose path fully matches
           the regex is read from the source path that `match.expand(template)` gives; a target
           that no rule matches is read from the same path in the source
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import importlib
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -38,10 +40,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmjax import checkpoint, paths, pretrained
-from mmjax.convert.engine import ConversionError, flatten, unstack_layers
-from mmjax.models import layers
-from mmjax.tasks import base
+from mmjax import checkpoint, layers, param_paths, paths, pretrained
+from mmjax.convert.engine import ConversionError
+from mmjax.evaluate import split
 
 KEYS = ("source", "step", "preset", "rules", "fresh", "drop", "sincos")
 POSEMB = pretrained.POSEMB
@@ -67,42 +68,48 @@ class InitRules:
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets: functions of the target model's config and the source's (unscanned) paths
+# Presets: registered by name; a family registers its own next to its conversion tables
 # ---------------------------------------------------------------------------------------------
+
+# Fixed rules, or a function of the target model's config and the source's (unscanned) paths.
+Preset = InitRules | Callable[[Mapping, Sequence[str]], InitRules]
+_PRESETS: dict[str, Preset] = {}
+# Importing it imports every family's conversion module (mmjax/convert/<family>.py), whose
+# `register_preset` calls fill the registry: adding a family adds no code here.
+FAMILIES_MODULE = "mmjax.convert.api"
+
+
+def register_preset(name: str, preset: Preset) -> Preset:
+    """Makes `init.preset=name` available. Registering another preset under a taken name is an
+    error (registering the same one again, as a re-imported module does, is not)."""
+    if not (isinstance(preset, InitRules) or callable(preset)):
+        raise TypeError(f"init preset {name!r} must be InitRules or a function (model, source paths) -> "
+                        f"InitRules, got {type(preset).__name__}")
+    known = _PRESETS.get(name)
+    if known is not None and _qualified(known) != _qualified(preset):
+        raise ValueError(f"init preset {name!r} is already registered ({_qualified(known)})")
+    _PRESETS[name] = preset
+    return preset
+
+
+def _qualified(preset: Preset) -> str:
+    if isinstance(preset, InitRules):
+        return repr(preset)
+    return f"{preset.__module__}.{getattr(preset, '__qualname__', preset)}"
+
+
+def presets() -> dict[str, Preset]:
+    """Every registered preset by name (the families' included)."""
+    importlib.import_module(FAMILIES_MODULE)
+    return dict(_PRESETS)
+
 
 def _same(model: Mapping, source: Sequence[str]) -> InitRules:
     """Identical trees (FLIP's unmasked tuning, a longer schedule, another mesh)."""
     return InitRules()
 
 
-def _mae_to_vit(model: Mapping, source: Sequence[str]) -> InitRules:
-    """MAE pretraining → ViT classifier, as MAE's main_finetune.py: copy `embedding`, `cls` and
-    `encoder`; a learned `posemb` starts from the fixed sin-cos table; the head (and with
-    `fc_norm` the norm, which then acts on the pooled vector) start fresh; the decoder is dropped."""
-    fc_norm = bool(model.get("fc_norm", False))
-    norm = ("norm/.*",) if fc_norm else ()
-    sincos = () if POSEMB in source else (POSEMB,)       # a timm-style MAE ViT has its own table
-    return InitRules(fresh=("head/.*", "pre_logits/.*", *norm),
-                     drop=("decoder.*", "mask_token", *norm), sincos=sincos)
-
-
-def _beit_to_classifier(model: Mapping, source: Sequence[str]) -> InitRules:
-    """BEiT pretraining (a `beit` run: {"beit", "tokenizer"}, or a BEiT model directory) →
-    `beit_classification`, as BEiT's run_class_finetuning.py: copy the backbone, give every
-    layer of a per-layer relative position bias the shared table, start `norm` (here on the
-    pooled vector) and `head` fresh; drop the mask token, the visual-token head and the dVAE."""
-    prefix = "beit/" if any(p.startswith("beit/") for p in source) else ""
-    rules = []
-    if f"{prefix}rel_pos_bias/table" in source:
-        rules.append((r"encoder/layer_\d+/rel_pos_bias/table", f"{prefix}rel_pos_bias/table"))
-    if prefix:
-        rules.append(("(.*)", prefix + r"\1"))
-    return InitRules(tuple(rules), fresh=("norm/.*", "head/.*"),
-                     drop=("tokenizer/.*", f"{prefix}mask_token", f"{prefix}norm/.*", f"{prefix}head/.*"))
-
-
-PRESETS: dict[str, Callable[[Mapping, Sequence[str]], InitRules]] = {
-    "same": _same, "mae_to_vit": _mae_to_vit, "beit_to_classifier": _beit_to_classifier}
+register_preset("same", _same)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,32 +127,24 @@ def config_block(init: Mapping | None = None) -> dict:
     return {k: init.get(k) for k in KEYS}
 
 
-def _patterns(value: Any, key: str) -> tuple[str, ...]:
-    items = (value,) if isinstance(value, str) else tuple(value or ())
-    for p in items:
-        try:
-            re.compile(p)
-        except (re.error, TypeError) as e:
-            raise ValueError(f"init.{key}: {p!r} is not a regular expression ({e})") from None
-    return items
-
-
 def init_rules(init: Mapping, model: Mapping, source: Sequence[str]) -> InitRules:
     """The preset's rules (if any) extended by the config's own `rules`, `fresh`, `drop`, `sincos`."""
     rules = []
     for item in init.get("rules") or ():
         if not (isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(s, str) for s in item)):
             raise ValueError(f"init.rules: each rule is a (target regex, source template) pair, got {item!r}")
-        _patterns(item[0], "rules")
+        param_paths.patterns(item[0], "init.rules")
         rules.append(tuple(item))
-    own = InitRules(tuple(rules), _patterns(init.get("fresh"), "fresh"), _patterns(init.get("drop"), "drop"),
-                    _patterns(init.get("sincos"), "sincos"))
+    lists = (param_paths.patterns(init.get(k), f"init.{k}") for k in ("fresh", "drop", "sincos"))
+    own = InitRules(tuple(rules), *lists)
     name = init.get("preset")
     if name is None:
         return own
-    if name not in PRESETS:
-        raise ValueError(f"Unknown init.preset {name!r}; known: {sorted(PRESETS)}")
-    return own + PRESETS[name](model, source)
+    known = presets()
+    if name not in known:
+        raise ValueError(f"Unknown init.preset {name!r}; known: {sorted(known)}")
+    preset = known[name]
+    return own + (preset if isinstance(preset, InitRules) else preset(model, source))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +162,7 @@ def read_source(path: str, step: int | None = None) -> tuple[dict[str, np.ndarra
         if step is not None:
             raise ValueError(f"init.step={step} applies to run workdirs; {path} is a model directory")
         model, flat = pretrained.load_arrays(path)
-        return unstack_layers(flat), f"model directory {path} ({type(model).__name__})"
+        return param_paths.unstack_layers(flat), f"model directory {path} ({type(model).__name__})"
     run_like = paths.isdir(path) and any(                  # a workdir, one step, or checkpoints/
         n in ("checkpoints", "state") or n.isdigit() for n in paths.listdir(path))
     if not run_like:
@@ -171,7 +170,7 @@ def read_source(path: str, step: int | None = None) -> tuple[dict[str, np.ndarra
                                 f"model directory (no {pretrained.CONFIG_FILE})")
     step_dir = checkpoint.resolve_step_dir(path, step)  # the newest good step, or `step`
     params = checkpoint.restore_params(step_dir)
-    return unstack_layers(flatten(params)), f"{path} (step {paths.basename(step_dir)})"
+    return param_paths.unstack_layers(param_paths.flatten(params)), f"{path} (step {paths.basename(step_dir)})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,10 +186,6 @@ class Mapped:
     sincos: list[str]
     dropped: list[str]
     notes: list[str]
-
-
-def _matches(patterns: Sequence[str], path: str) -> bool:
-    return any(re.fullmatch(p, path) for p in patterns)
 
 
 def _source_path(rules: Sequence[tuple[str, str]], target: str) -> str:
@@ -239,7 +234,7 @@ def map_params(target: Mapping[str, Any], source: Mapping[str, np.ndarray], rule
     unmatched, misshaped = [], []
     for path, want in target.items():
         shape, dtype = tuple(want.shape), want.dtype
-        if _matches(rules.sincos, path):
+        if param_paths.fullmatch_any(rules.sincos, path):
             table = _sincos_table(path, shape, target)
             if isinstance(table, str):
                 misshaped.append(table)
@@ -247,7 +242,7 @@ def map_params(target: Mapping[str, Any], source: Mapping[str, np.ndarray], rule
                 out.arrays[path] = np.asarray(table, dtype)
                 out.sincos.append(path)
             continue
-        if _matches(rules.fresh, path):
+        if param_paths.fullmatch_any(rules.fresh, path):
             out.fresh.append(path)
             continue
         src = _source_path(rules.rules, path)
@@ -268,7 +263,7 @@ def map_params(target: Mapping[str, Any], source: Mapping[str, np.ndarray], rule
     unused = []
     for path in source:
         if path not in used:
-            (out.dropped if _matches(rules.drop, path) else unused).append(path)
+            (out.dropped if param_paths.fullmatch_any(rules.drop, path) else unused).append(path)
     unused = [f"{p} {np.shape(source[p])}" for p in unused]
     problems = {"model parameters with no source (unmatched targets)": unmatched,
                 "source parameters neither used nor dropped (unused sources)": unused,
@@ -281,16 +276,6 @@ def map_params(target: Mapping[str, Any], source: Mapping[str, np.ndarray], rule
 # ---------------------------------------------------------------------------------------------
 # Applying to the trainer's sharded parameters
 # ---------------------------------------------------------------------------------------------
-
-def _path(keys: Sequence[Any]) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in keys)
-
-
-def _unscanned_parts(path: str, leaf: Any) -> list[str]:
-    """The unscanned paths of one leaf: itself, or `.../layer_{i}/...` for a scanned leaf."""
-    view = np.broadcast_to(np.zeros((), np.dtype(leaf.dtype)), leaf.shape)   # no memory
-    return list(unstack_layers({path: view}))
-
 
 def _summary(paths: Sequence[str]) -> str:
     groups = collections.Counter(p.split("/")[0] for p in paths)
@@ -306,19 +291,20 @@ def apply(config: ml_collections.ConfigDict, params: Any, shardings: Any) -> Any
     model = config.get("model") or {}
     rules = init_rules(init, model.to_dict() if hasattr(model, "to_dict") else dict(model), list(source))
 
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves, treedef = param_paths.paths_and_leaves(params)
     flat_shardings = jax.tree.leaves(shardings)
-    paths = [_path(k) for k, _ in leaves]
-    parts = {p: _unscanned_parts(p, leaf) for p, (_, leaf) in zip(paths, leaves, strict=True)}
+    # The unscanned paths of each leaf: itself, or `.../layer_{i}/...` for a scanned leaf.
+    parts = {p: param_paths.unstacked_paths(p, leaf.shape[0] if param_paths.is_stacked(p) else 1)
+             for p, leaf in leaves}
     target = {}
-    for p, (_, leaf) in zip(paths, leaves, strict=True):
+    for p, leaf in leaves:
         for part in parts[p]:
-            shape = leaf.shape if len(parts[p]) == 1 and part == p else leaf.shape[1:]
+            shape = leaf.shape[1:] if param_paths.is_stacked(p) else leaf.shape
             target[part] = jax.ShapeDtypeStruct(shape, leaf.dtype)
     mapped = map_params(target, source, rules, what=where)
 
     new_leaves = []
-    for p, (_, leaf), sharding in zip(paths, leaves, flat_shardings, strict=True):
+    for (p, leaf), sharding in zip(leaves, flat_shardings, strict=True):
         names = parts[p]
         have = [n in mapped.arrays for n in names]
         if not any(have):
@@ -327,7 +313,7 @@ def apply(config: ml_collections.ConfigDict, params: Any, shardings: Any) -> Any
         if all(have):
             host = (mapped.arrays[p] if names == [p] else np.stack([mapped.arrays[n] for n in names]))
         else:                                   # some layers of a scanned leaf fresh, some loaded
-            host = np.array(base.fetch(leaf))
+            host = np.array(split.fetch(leaf))
             for i, n in enumerate(names):
                 if n in mapped.arrays:
                     host[i] = mapped.arrays[n]

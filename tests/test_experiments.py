@@ -24,7 +24,8 @@ def test_experiments_found():
 @pytest.mark.parametrize("path", EXPERIMENTS)
 def test_full_config_loads_and_documents_itself(path):
     config = configs.load_config(path)
-    assert config.task in ("classification", "contrastive", "mae", "beit", "beit_classification")
+    assert config.task in ("classification", "contrastive", "contrastive_momentum", "mae", "beit",
+                           "beit_classification")
     with open(path) as f:
         source = f.read()
     assert source.lstrip().startswith('"""') and "mmjax-train --config" in source, \
@@ -57,6 +58,7 @@ FULL_SPECS = [
     "experiments/clip/shapes.py",
     "experiments/clip/shapes.py:loss=siglip",
     "experiments/clip/shapes.py:stem=False",
+    "experiments/clip/shapes_momentum.py",
     *[f"experiments/clip/vit_b16.py:variant={v},{PAIRS}" for v in ("B/32", "B/16", "L/14")],
     f"experiments/flip/laion400m.py:{PAIRS}",
     f"experiments/flip/laion400m.py:variant=L/16,{PAIRS}",
@@ -148,7 +150,8 @@ def test_recipe_pp_and_train_state_trace(spec):
         params = jax.eval_shape(lambda r, b: nn.meta.unbox(task.init_variables(r, b)), rng, batch)["params"]
         tx, schedule = optim.build_optimizer(config.optimizer, config.schedule, steps, params)
         state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
-                 "opt_state": jax.eval_shape(tx.init, params), "nonfinite": jax.eval_shape(faults.init_counters)}
+                 "opt_state": jax.eval_shape(tx.init, params), "nonfinite": jax.eval_shape(faults.init_counters),
+                 **jax.eval_shape(lambda p, r: nn.meta.unbox(task.init_extra_state(p, r) or {}), boxed["params"], rng)}
         new_state, metrics = jax.eval_shape(train.make_train_step(task, tx, schedule, rng), state, batch)
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     assert all(a.shape == b.shape and a.dtype == b.dtype

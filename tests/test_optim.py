@@ -236,6 +236,38 @@ def test_freeze_clip_sees_only_trainable_grads():
     np.testing.assert_array_equal(updates["frozen"], [0.0])
 
 
+def test_trainable_partition_has_no_frozen_leaves_and_updates_like_the_full_tree():
+    """The trainer's path: tx on the trainable partition (frozen leaves are MaskedNode holes, no
+    gradient), with the opt_state of the full tree (so older checkpoints keep their layout), moves
+    the trainable leaves exactly as tx on the full tree with any frozen gradient does."""
+    params = {"image": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+              "text": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.zeros(2)}}
+    cfg = dict(ADAMW, freeze=["^image/"], grad_clip_norm=1.0, layer_decay=None)
+    tx, _ = optim.build_optimizer(cfg, CONSTANT, 10, params)
+    mask = optim.trainable_mask(cfg, params)
+    assert mask == {"image": {"kernel": False, "bias": False}, "text": {"kernel": True, "bias": True}}
+    trainable, frozen = optim.split_frozen(params, mask)
+    assert sorted(jax.tree.leaves(optim.path_strings(trainable))) == ["text/bias", "text/kernel"]
+    assert sorted(jax.tree.leaves(optim.path_strings(frozen))) == ["image/bias", "image/kernel"]
+    state = tx.init(params)
+    opt_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+    assert not any("image" in p for p in opt_paths), f"frozen leaves hold optimizer state: {opt_paths}"
+    full_state, part_state = state, state
+    for scale in (3.0, -1.0, 0.5):
+        g_full = jax.tree.map(lambda x, s=scale: s * (1.0 + jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape),
+                              params)
+        g_part, _ = optim.split_frozen(g_full, mask)
+        u_full, full_state = jax.jit(tx.update)(g_full, full_state, params)
+        u_part, part_state = jax.jit(tx.update)(g_part, part_state, trainable)
+        assert jax.tree.structure(part_state) == jax.tree.structure(full_state)
+        jax.tree.map(np.testing.assert_array_equal, optim.merge_frozen(u_part, u_full, mask), u_full)
+    np.testing.assert_array_equal(u_full["image"]["kernel"], 0.0)
+    merged = optim.merge_frozen(trainable, frozen, mask)
+    assert jax.tree.structure(merged) == jax.tree.structure(params)
+    assert all(a is b for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)))
+    assert optim.trainable_mask(ADAMW, params) is None and optim.split_frozen(params, None) == (params, None)
+
+
 def test_freeze_typo_errors():
     with pytest.raises(ValueError, match="imgae"):
         optim.build_optimizer(dict(ADAMW, freeze=["imgae/"]), CONSTANT, 10, tiny_params())

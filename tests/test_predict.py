@@ -158,7 +158,7 @@ def test_trained_vit_run(shapes_vit_run, photos):
     assert spec["kind"] == "classifier"
     model, variables = mmjax.load(run)
     pixels = _preprocessed(run, [r["path"] for r in results])
-    logits = np.asarray(jax.jit(model.apply)(variables, pixels))
+    logits = np.asarray(jax.jit(model.apply)(variables, pixels)["logits"])
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     names = spec["class_names"] or [str(i) for i in range(24)]

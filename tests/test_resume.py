@@ -15,6 +15,7 @@ are the same for every run compared, so they cannot hide a difference.
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,11 +23,13 @@ import sys
 import threading
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import trainer_process
 
-from mmjax import checkpoint
+import mmjax
+from mmjax import checkpoint, optim, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -39,13 +42,7 @@ ARGS = ["--config", "experiments/vit/shapes.py:smoke=True", f"--config.total_ste
 STEP_LINE = re.compile(rf"^step (\d+)/{STEPS} ")
 
 
-def _env(cache_dir, devices, **extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
-    env.pop(checkpoint.COMMIT_DELAY_ENV, None)
-    env.update(extra)
-    return env
+_env = trainer_process.trainer_env
 
 
 def _start(workdir, env, *extra_args):
@@ -187,3 +184,35 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(reference, cac
     # rounding noise into updates of up to lr = 1e-3 where the true gradient is zero (the
     # attention key bias), so the state bound is a fraction of one step; losses agree to ~1e-7.
     assert diffs[worst] < 2e-4 and loss_diff < 1e-5
+
+
+# A run written by mmjax at commit 1a421ad, before tasks owned train state and before the step left
+# frozen leaves out of the gradient: a tiny ViT on the shapes data, optimizer.freeze=("^embedding/",),
+# 2 steps (checkpoint at step 2; config.json and model_config.json kept, logs dropped).
+OLD_RUN = os.path.join(REPO, "tests", "fixtures", "vit_run_1a421ad")
+
+
+def test_run_from_before_task_state_loads_and_resumes(tmp_path, capsys):
+    workdir = str(tmp_path / "old_run")
+    shutil.copytree(OLD_RUN, workdir)
+    old = checkpoint.load_train_state(workdir)
+    assert sorted(old) == ["nonfinite", "opt_state", "params", "step"] and int(old["step"]) == 2
+    _, variables = mmjax.load(workdir)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables["params"]), old["params"])
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    config.total_steps = 4
+    train.train(config, workdir, progress="lines")
+    assert "Resumed from step 2" in capsys.readouterr().out
+    new = checkpoint.load_train_state(workdir)
+    assert int(new["step"]) == 4 and jax.tree.structure(new) == jax.tree.structure(old)
+    # The optimizer state went on from the checkpoint's (Adam's count 2 -> 4), not from scratch, and
+    # the frozen embedding is untouched while everything else moved.
+    counts = [int(x) for x in jax.tree.leaves(new["opt_state"]) if np.ndim(x) == 0]
+    assert counts and set(counts) == {4}
+    mask = optim.trainable_mask(config.optimizer, old["params"])
+    for path, keep, a, b in zip(jax.tree.leaves(optim.path_strings(old["params"])), jax.tree.leaves(mask),
+                                jax.tree.leaves(old["params"]), jax.tree.leaves(new["params"])):
+        assert keep == (not path.startswith("embedding/"))
+        assert np.array_equal(a, b) != keep, path

@@ -61,7 +61,7 @@ def test_vit_run_exports_to_timm_and_transformers(trained, tmp_path):
 
     model, variables = mmjax.load(trained["vit"])
     x = images()
-    want = np.asarray(jax.jit(model.apply)(variables, x))
+    want = np.asarray(jax.jit(model.apply)(variables, x)["logits"])
 
     convert("--to", "timm", "--input", trained["vit"], "--output", tmp_path / "vit.safetensors")
     with open(tmp_path / "vit.json") as f:                    # the config that builds it in timm
@@ -155,7 +155,8 @@ def test_mesh_places_params_sharded_and_equal(trained):
 
 
 def test_ema_params_are_read_when_the_run_keeps_them(trained, tmp_path):
-    """A run whose train state holds "ema_params" (as a later change will store them)."""
+    """A run whose train state holds "ema_params" beside "params" (where a task's extra state keeps
+    them: tests/tasks/test_momentum.py loads a real momentum run's)."""
     workdir = str(tmp_path / "ema_run")
     os.makedirs(workdir)
     shutil.copy(os.path.join(trained["vit"], pretrained.CONFIG_FILE), workdir)
@@ -249,7 +250,7 @@ def test_mae_run_becomes_a_model_directory_and_a_transformers_folder(tmp_path):
     x, noise = images(2, seed=3), np.random.default_rng(4).uniform(size=(2, 16)).astype(np.float32)
     with torch.no_grad():
         want = ref.eval()(pixel_values=nchw(x), noise=torch.from_numpy(noise)).logits.numpy()
-    pred, _ = jax.jit(model.apply)(variables, x, noise)
+    pred = jax.jit(model.apply)(variables, x, noise)["pred"]
     assert max_abs_diff(pred, want, "MAE run -> transformers ViTMAEForPreTraining reconstruction") <= 1e-4
 
 
@@ -269,5 +270,5 @@ def test_beit_run_becomes_a_model_directory_and_a_transformers_folder(tmp_path):
     masked = np.random.default_rng(6).uniform(size=(2, 16)) < 0.4
     with torch.no_grad():
         want = ref.eval()(pixel_values=nchw(x), bool_masked_pos=torch.from_numpy(masked)).logits.numpy()
-    got = jax.jit(model.apply)(variables, x, masked)
+    got = jax.jit(model.apply)(variables, x, masked)["logits"]
     assert max_abs_diff(got, want, "BEiT run -> transformers BeitForMaskedImageModeling logits") <= 1e-4

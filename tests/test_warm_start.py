@@ -1,5 +1,6 @@
-"""Warm start (`config.init`): mapping rules, presets, layouts, resampling, errors, and the
-trainer starting a fine-tune from an MAE run (and a resumed fine-tune keeping its own params)."""
+"""Warm start (`config.init`): mapping rules, presets (registered by their families), layouts,
+resampling, errors, and the trainer starting a fine-tune from an MAE run (and a resumed
+fine-tune keeping its own params)."""
 
 import json
 import os
@@ -11,9 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mmjax import checkpoint, configs, pretrained, sharding, train, warm_start
-from mmjax.convert.engine import flatten, unstack_layers
-from mmjax.models import beit, layers, mae, vit
+from mmjax import checkpoint, configs, layers, pretrained, sharding, train, warm_start
+from mmjax.models import beit, mae, vit
+from mmjax.param_paths import flatten, unstack_layers
 
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8)
 IMAGES = jnp.zeros((8, 32, 32, 3))
@@ -173,6 +174,32 @@ def test_rules_fresh_and_drop_on_part_of_a_scanned_stack(tmp_path, small_vit, sc
     np.testing.assert_array_equal(kernel[0], src["encoder"]["layer_0"]["attn"]["key"]["kernel"])
     np.testing.assert_array_equal(kernel[1], fresh["encoder/layers/attn/key/kernel"][1])
     assert not np.array_equal(kernel[1], src["encoder"]["layer_1"]["attn"]["key"]["kernel"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The preset registry
+# ---------------------------------------------------------------------------------------------
+
+def test_families_register_their_presets_next_to_their_conversion_tables():
+    known = warm_start.presets()
+    assert {"same", "mae_to_vit", "beit_to_classifier"} <= set(known)
+    assert known["mae_to_vit"].__module__ == "mmjax.convert.mae"
+    assert known["beit_to_classifier"].__module__ == "mmjax.convert.beit"
+
+
+def test_register_preset_fixed_rules_and_name_clashes(monkeypatch, small_vit):
+    monkeypatch.setattr(warm_start, "_PRESETS", dict(warm_start.presets()))
+    rules = warm_start.InitRules(rules=(("(.*)", r"backbone/\1"),), fresh=("head/.*",))
+    warm_start.register_preset("from_backbone", rules)
+    warm_start.register_preset("from_backbone", rules)          # the same again (a re-import): fine
+    source = {f"backbone/{p}": v for p, v in flatten(small_vit).items() if not p.startswith("head/")}
+    target = {p: jax.ShapeDtypeStruct(np.shape(v), np.float32) for p, v in flatten(small_vit).items()}
+    mapped = warm_start.map_params(target, source, warm_start.init_rules({"preset": "from_backbone"}, {}, list(source)))
+    assert sorted(mapped.fresh) == ["head/bias", "head/kernel"] and len(mapped.arrays) == len(source)
+    with pytest.raises(ValueError, match="'mae_to_vit' is already registered .*mmjax.convert.mae.mae_to_vit"):
+        warm_start.register_preset("mae_to_vit", lambda model, source: warm_start.InitRules())
+    with pytest.raises(TypeError, match="must be InitRules or a function"):
+        warm_start.register_preset("bad", {"fresh": ["head/.*"]})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,25 @@
 """Helpers for tests that run the trainer in a subprocess and SIGKILL it at a chosen moment."""
 
+import os
 import signal
 import subprocess
 import threading
 
 TIMEOUT_S = 600
+
+
+def trainer_env(cache_dir: str, devices: int, **extra: str) -> dict:
+    """The environment of a trainer subprocess: `devices` CPU devices, a shared persistent
+    compilation cache and XLA's backend optimisations off (short compiles; the same for every
+    run a test compares, so they cannot hide a difference); no commit delay unless `extra` sets it."""
+    from mmjax import checkpoint
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
+    env.pop(checkpoint.COMMIT_DELAY_ENV, None)
+    env.update(extra)
+    return env
 
 
 def watch(proc: subprocess.Popen, kill_on=None, also_kill=()) -> tuple[list[str], bool]:

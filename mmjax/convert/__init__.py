@@ -18,6 +18,9 @@ Adding a family (MAE, BEiT, BLIP, an LLM, ...): write `convert/<family>.py` with
   3. optionally `<target>_export(model_config) -> (table, hf_config_or_None)`, or an
      `export.Export` when the target leaves parameters out (timm holds no MAE decoder) or
      stores tensors that mmjax recomputes (transformers' fixed sin-cos tables);
+  4. optionally warm-start presets (its pretraining run -> its fine-tuning model, `config.init.preset`)
+     registered with `warm_start.register_preset` when api.py imports the module (mae.py's
+     `mae_to_vit`);
 then register them in `api.py` (SOURCES / HF_ARCHITECTURES / EXPORTS) and add a parity test
 against the reference implementation with random weights in tests/convert/.
 """

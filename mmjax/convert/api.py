@@ -11,15 +11,19 @@ import json
 import numpy as np
 
 from mmjax import inference_spec, paths, pretrained, runs
-from mmjax.convert import beit, clip, dvae, engine, io, library_configs, mae, vit
+from mmjax.convert import beit, bert, blip, clip, dvae, engine, io, library_configs, mae, vilt, vit
 from mmjax.convert.export import Export, as_export
 
 SOURCES = ("timm", "open_clip", "hf", "dall_e")
 HF_ARCHITECTURES = {"ViTModel": vit.from_hf, "ViTForImageClassification": vit.from_hf, "CLIPModel": clip.from_hf,
                     "ViTMAEForPreTraining": mae.from_hf, "BeitForMaskedImageModeling": beit.from_hf,
-                    "BeitForImageClassification": beit.from_hf, "FlavaImageCodebook": dvae.from_hf}
+                    "BeitForImageClassification": beit.from_hf, "FlavaImageCodebook": dvae.from_hf,
+                    **dict.fromkeys(bert.HF_ARCHITECTURES, bert.from_hf),
+                    **dict.fromkeys(vilt.HF_ARCHITECTURES, vilt.from_hf),
+                    **dict.fromkeys(blip.HF_ARCHITECTURES, blip.from_hf)}
 HF_MODEL_TYPES = {"vit": "ViTModel", "clip": "CLIPModel", "vit_mae": "ViTMAEForPreTraining",
-                  "flava_image_codebook": "FlavaImageCodebook"}
+                  "flava_image_codebook": "FlavaImageCodebook", "bert": "BertModel",
+                  "vilt": "ViltModel"}
 # (mmjax model class, target library) -> function(model_config) -> (table, HF config.json or None) or an
 # export.Export (when the target also stores fixed tensors or has no place for some parameters)
 EXPORTS = {
@@ -33,6 +37,11 @@ EXPORTS = {
     (mae.MAE, "timm"): mae.timm_export,
     (dvae.ENCODER, "dall_e"): dvae.dall_e_export,
     (dvae.DECODER, "dall_e"): dvae.dall_e_export,
+    (bert.BERT, "hf"): bert.hf_export,
+    (vilt.VILT, "hf"): vilt.hf_export,
+    (blip.RETRIEVAL, "hf"): blip.hf_export,
+    (blip.CAPTIONER, "hf"): blip.hf_export,
+    (blip.QUESTION_ANSWERING, "hf"): blip.hf_export,
 }
 
 

@@ -10,10 +10,11 @@ builds the same index, checked in tests/models/test_beit.py); index buffers are 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from mmjax import pretrained
+from mmjax import pretrained, warm_start
 from mmjax.convert.engine import (
     HEADS_BIAS,
     HEADS_IN,
@@ -214,3 +215,25 @@ def hf_export(config: dict) -> tuple[Table, dict]:
     # A transformers source keeps its other settings; the architecture is the model's.
     base = source.get("config", {}) if source.get("library") == "hf" else {}
     return table, {**{k: v for k, v in base.items() if k not in ("id2label", "label2id")}, **generated}
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm start (`config.init.preset`): a BEiT pretraining run or model directory -> a classifier
+# ---------------------------------------------------------------------------------------------
+
+def beit_to_classifier(model: Mapping, source: Sequence[str]) -> warm_start.InitRules:
+    """BEiT pretraining (a `beit` run: {"beit", "tokenizer"}, or a BEiT model directory) →
+    `beit_classification`, as BEiT's run_class_finetuning.py: copy the backbone, give every
+    layer of a per-layer relative position bias the shared table, start `norm` (here on the
+    pooled vector) and `head` fresh; drop the mask token, the visual-token head and the dVAE."""
+    prefix = "beit/" if any(p.startswith("beit/") for p in source) else ""
+    rules = []
+    if f"{prefix}rel_pos_bias/table" in source:
+        rules.append((r"encoder/layer_\d+/rel_pos_bias/table", f"{prefix}rel_pos_bias/table"))
+    if prefix:
+        rules.append(("(.*)", prefix + r"\1"))
+    return warm_start.InitRules(tuple(rules), fresh=("norm/.*", "head/.*"),
+                     drop=("tokenizer/.*", f"{prefix}mask_token", f"{prefix}norm/.*", f"{prefix}head/.*"))
+
+
+warm_start.register_preset("beit_to_classifier", beit_to_classifier)

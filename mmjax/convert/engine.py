@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from mmjax import param_paths
+
 Shape = tuple[int, ...]
 
 
@@ -260,65 +262,15 @@ def require(fields: dict, target: str, **wanted) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Flat paths and scanned layouts
+# Flat paths and scanned layouts: mmjax.param_paths, with layout errors as ConversionError
 # ---------------------------------------------------------------------------------------------
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> {"a/b/c": leaf}."""
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
-_LAYER = re.compile(r"(^|/)layer_(\d+)(/|$)")
-_LAYERS = re.compile(r"(^|/)layers(/|$)")
+flatten, unflatten, unstack_layers = param_paths.flatten, param_paths.unflatten, param_paths.unstack_layers
 
 
 def stack_layers(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Unscanned `.../layer_{i}/...` params -> scanned `.../layers/...` stacked on axis 0.
-
-    This is the layout of `transformer.Encoder(scan=True)` (and of any block stack that
-    follows its naming). Paths without `layer_{i}` pass through.
-    """
-    out, groups = {}, {}
-    for path, value in flat.items():
-        m = _LAYER.search(path)
-        if m is None:
-            out[path] = value
-            continue
-        stacked = path[:m.start()] + f"{m.group(1)}layers{m.group(3)}" + path[m.end():]
-        groups.setdefault(stacked, {})[int(m.group(2))] = value
-    for stacked, layers in groups.items():
-        if sorted(layers) != list(range(len(layers))):
-            raise ConversionError(f"Cannot stack {stacked}: layers {sorted(layers)} are not 0..{len(layers) - 1}")
-        out[stacked] = np.stack([np.asarray(layers[i]) for i in range(len(layers))])
-    return out
-
-
-def unstack_layers(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Scanned `.../layers/...` params -> `.../layer_{i}/...` (the inverse of stack_layers)."""
-    out = {}
-    for path, value in flat.items():
-        m = _LAYERS.search(path)
-        if m is None:
-            out[path] = value
-            continue
-        for i, layer in enumerate(np.asarray(value)):
-            out[path[:m.start()] + f"{m.group(1)}layer_{i}{m.group(2)}" + path[m.end():]] = layer
-    return out
+    """`param_paths.stack_layers`: unrolled `layer_{i}` params -> a scanned `layers` stack."""
+    try:
+        return param_paths.stack_layers(flat)
+    except param_paths.LayerStackError as e:
+        raise ConversionError(str(e)) from None

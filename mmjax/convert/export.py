@@ -9,11 +9,11 @@ parameters, and timm holds only MAE's encoder, so the decoder is left out on pur
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 
 import numpy as np
 
+from mmjax import param_paths
 from mmjax.convert.engine import ConversionError, Table, to_torch
 
 
@@ -32,8 +32,7 @@ class Export:
 
     def state_dict(self, params: Mapping[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
         """The torch state dict of flat, unscanned mmjax params."""
-        drops = [re.compile(d) for d in self.drop]
-        kept = {p: v for p, v in params.items() if not any(d.fullmatch(p) for d in drops)}
+        kept = {p: v for p, v in params.items() if not param_paths.fullmatch_any(self.drop, p)}
         state = to_torch(kept, self.table, what=what)
         clash = sorted(set(state) & set(self.fixed))
         if clash:

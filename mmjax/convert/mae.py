@@ -12,10 +12,11 @@ and leaves the decoder out, saying so in a note.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from mmjax import pretrained
+from mmjax import layers, pretrained, warm_start
 from mmjax.convert.engine import (
     ConversionError,
     Plan,
@@ -31,7 +32,6 @@ from mmjax.convert.engine import (
 from mmjax.convert.engine import conv as conv_rules
 from mmjax.convert.export import Export
 from mmjax.convert.vit import TIMM_TABLE, hf_activation, hf_activation_name
-from mmjax.models import layers
 from mmjax.pretrained import input_spec
 
 MAE = "mmjax.models.mae.MAE"
@@ -176,3 +176,20 @@ def timm_export(config: dict) -> Export:
                      "to match exactly; the difference is tiny)")
     return Export(TIMM_TABLE, None, drop=DECODER_PATHS, fixed={"pos_embed": fixed_posemb(grid, arch["width"])},
                   notes=tuple(notes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm start (`config.init.preset`): an MAE run or model directory -> a ViT classifier
+# ---------------------------------------------------------------------------------------------
+
+def mae_to_vit(model: Mapping, source: Sequence[str]) -> warm_start.InitRules:
+    """MAE pretraining → ViT classifier, as MAE's main_finetune.py: copy `embedding`, `cls` and
+    `encoder`; a learned `posemb` starts from the fixed sin-cos table; the head (and with
+    `fc_norm` the norm, which then acts on the pooled vector) start fresh; the decoder is dropped."""
+    norm = ("norm/.*",) if model.get("fc_norm", False) else ()
+    sincos = () if pretrained.POSEMB in source else (pretrained.POSEMB,)   # a timm-style MAE ViT has its own
+    return warm_start.InitRules(fresh=("head/.*", "pre_logits/.*", *norm), drop=(*DECODER_PATHS, *norm),
+                                sincos=sincos)
+
+
+warm_start.register_preset("mae_to_vit", mae_to_vit)

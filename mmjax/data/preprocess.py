@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mmjax import configs
-from mmjax.data import color_jitter, image_ops, randaugment, random_erasing
+from mmjax.data import color_jitter, image_ops, mlm_masking, randaugment, random_erasing
 
 Example = dict[str, Any]
 Op = Callable[[Example, np.random.Generator], Example]
@@ -43,7 +43,7 @@ _IMAGE_TRANSFORMS: dict[str, Callable[..., Callable[[np.ndarray, np.random.Gener
     "randaugment": randaugment.RandAugment,
     "random_erasing": random_erasing.RandomErasing,
 }
-KNOWN_OPS: list[str] = sorted([*_IMAGE_OPS, *_IMAGE_TRANSFORMS, "tokenize", "rename", "keep"])
+KNOWN_OPS: list[str] = sorted([*_IMAGE_OPS, *_IMAGE_TRANSFORMS, "tokenize", "mlm_mask", "rename", "keep"])
 
 
 def split_ops(pp: str) -> list[str]:
@@ -109,6 +109,8 @@ def build_op(name: str, args: tuple, kwargs: dict, tokenizer: Tokenizer | None =
         return _image_transform_op(name, args, kwargs)
     if name == "tokenize":
         return _call_factory(name, _tokenize_op, args, kwargs, tokenizer=tokenizer)
+    if name == "mlm_mask":
+        return _call_factory(name, _mlm_mask_op, args, kwargs, tokenizer=tokenizer)
     if name == "rename":
         return _call_factory(name, _rename_op, args, kwargs)
     if name == "keep":
@@ -178,6 +180,30 @@ def _tokenize_op(key: str = "caption", out: str = "text", *, tokenizer: Tokenize
         texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
         tokens = np.asarray(tokenizer(texts)).astype(np.int32)
         example[out] = tokens[0] if single else tokens
+        return example
+
+    return op
+
+
+def _mlm_mask_op(prob: float = 0.15, whole_word: bool = False, key: str = "text", inputs: str = "mlm_input",
+                 labels: str = "mlm_labels", mask_replace_prob: float = 0.8, random_replace_prob: float = 0.1,
+                 ignore_id: int = mlm_masking.IGNORE_ID, *, tokenizer: Tokenizer | None) -> Op:
+    """BERT MLM masking of tokenized `key` (see mlm_masking.mask_tokens); `key` itself is kept."""
+    needed = ["mask_token_id", "vocab_size", "special_token_ids"] + (["is_continuation"] if whole_word else [])
+    missing = [a for a in needed if not hasattr(tokenizer, a)]
+    if tokenizer is None or missing:
+        raise ValueError(f"pp op 'mlm_mask' needs the pipeline's WordPiece tokenizer (with {needed}); got "
+                         f"{type(tokenizer).__name__}" + (f" lacking {missing}" if tokenizer is not None else ""))
+    settings = dict(mask_token_id=tokenizer.mask_token_id, vocab_size=tokenizer.vocab_size,
+                    special_token_ids=tokenizer.special_token_ids, prob=prob, whole_word=whole_word,
+                    is_continuation=getattr(tokenizer, "is_continuation", None) if whole_word else None,
+                    mask_replace_prob=mask_replace_prob, random_replace_prob=random_replace_prob,
+                    ignore_id=ignore_id)
+    probe = np.array([tokenizer.mask_token_id], dtype=np.int32)
+    mlm_masking.mask_tokens(probe, np.random.default_rng(0), **settings)   # bad settings fail at build time
+
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        example[inputs], example[labels] = mlm_masking.mask_tokens(_get("mlm_mask", example, key), rng, **settings)
         return example
 
     return op

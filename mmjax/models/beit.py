@@ -8,7 +8,7 @@ fine-tuning model: mean of the patch tokens → LayerNorm → linear head.
 
 Parameter names: `embedding/conv`, `cls`, `mask_token`, `posemb` (optional absolute
 embedding), `rel_pos_bias/table` (shared) or `encoder/layer_N/rel_pos_bias/table` (per layer),
-`encoder/...` (the shared EncoderBlock; its key projection has no bias, as BEiT), `norm`, `head`.
+`encoder/...` (a `layers.Stack`; its blocks' key projection has no bias, as BEiT), `norm`, `head`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models import layers, transformer, vit
+from mmjax import flops, layers
+from mmjax.models import vit
 
 REL_POS = ("shared", "layer", "none")
 
@@ -49,15 +50,26 @@ class BEiT(nn.Module):
     attention_impl: str = "xla"
     scan: bool = False
     remat_policy: str = "none"
+    block: dict | layers.BlockConfig | None = None   # BlockConfig overrides, e.g. dict(norm="post")
 
     def arch(self) -> dict:
         return vit.resolve_arch(self)
 
+    def block_config(self, window: tuple[int, int] | None = None) -> layers.BlockConfig:
+        """The encoder's block (no key bias, as BEiT), then the `block` overrides; `window` is the
+        patch grid of a per-layer relative position bias."""
+        arch = self.arch()
+        return layers.block_config(
+            self.block, num_heads=arch["num_heads"], mlp_dim=arch["mlp_dim"], mlp=self.act, norm_eps=self.ln_eps,
+            k_bias=False, layer_scale=self.layer_scale, rel_pos_window=window, dropout=self.dropout,
+            dtype=self.dtype, attention_impl=self.attention_impl)
+
     @nn.compact
     def __call__(self, images: jax.Array, bool_masked_pos: jax.Array | None = None, *,
-                 train: bool = False) -> jax.Array:
-        """Returns visual-token logits (B, N, vocab), class logits (B, classes), or the normed
-        tokens (B, 1 + N, width) when neither head is set."""
+                 train: bool = False) -> dict[str, jax.Array]:
+        """A dict (mmjax.models.outputs): "tokens" (B, 1 + N, width), normed unless fine-tuning;
+        "logits", visual-token (B, N, vocab) or class (B, classes) when a head is set; "pooled"
+        (B, width) with the classifier."""
         if self.rel_pos not in REL_POS:
             raise ValueError(f"Unknown rel_pos {self.rel_pos!r}; known: {REL_POS}")
         if self.vocab_size is not None and self.num_classes is not None:
@@ -92,27 +104,44 @@ class BEiT(nn.Module):
         bias = None
         if self.rel_pos == "shared":
             bias = layers.RelativePositionBias(heads, (h, w), name="rel_pos_bias")()
-        x = transformer.Encoder(
-            depth=arch["depth"], num_heads=heads, mlp_dim=arch["mlp_dim"], dropout=self.dropout,
-            act=self.act, ln_eps=self.ln_eps, layer_scale=self.layer_scale, key_bias=False,
-            rel_pos_window=(h, w) if self.rel_pos == "layer" else None, dtype=self.dtype,
-            attention_impl=self.attention_impl, scan=self.scan, remat_policy=self.remat_policy,
-            drop_path=self.drop_path, rescale_init=self.rescale_init,
-            name="encoder")(x, None, bias, deterministic=not train)
+        block = self.block_config((h, w) if self.rel_pos == "layer" else None)
+        x = layers.Stack(block, arch["depth"], scan=self.scan, remat_policy=self.remat_policy,
+                         drop_path=self.drop_path, rescale_init=self.rescale_init,
+                         name="encoder")(x, None, bias, deterministic=not train)
 
         head_init = nn.initializers.truncated_normal(0.02 * self.head_init_scale)   # BEiT's init
         if self.num_classes is not None:           # fine-tuning: mean-pool patches, then norm
             pooled = layers.LayerNorm(self.ln_eps, name="norm")(x[:, 1:].mean(axis=1))
-            self.sow("intermediates", "pre_logits", pooled)
             logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
                               kernel_init=layers.dense_init(("embed", "classes"), head_init),
                               bias_init=layers.dense_init(("classes",), nn.initializers.zeros))(pooled)
-            return logits.astype(jnp.float32)
+            return {"tokens": x.astype(jnp.float32), "pooled": pooled.astype(jnp.float32),
+                    "logits": logits.astype(jnp.float32)}
         x = layers.LayerNorm(self.ln_eps, name="norm")(x)
-        self.sow("intermediates", "encoded", x)
         if self.vocab_size is None:
-            return x.astype(jnp.float32)
+            return {"tokens": x.astype(jnp.float32)}
         logits = nn.Dense(self.vocab_size, dtype=self.dtype, name="head",
                           kernel_init=layers.dense_init(("embed", "vocab"), head_init),
                           bias_init=layers.dense_init(("vocab",), nn.initializers.zeros))(x[:, 1:])
-        return layers.constrain(logits, ("act_batch", "act_len", None)).astype(jnp.float32)
+        logits = layers.constrain(logits, ("act_batch", "act_len", None)).astype(jnp.float32)
+        return {"tokens": x.astype(jnp.float32), "logits": logits}
+
+
+def forward_flops(model: BEiT, image_hw: tuple[int, int]) -> dict[str, float]:
+    """Analytic forward FLOPs per image (mmjax.flops), by part: the ViT-style backbone, the
+    relative position bias added to every layer's attention scores (one add per score; the
+    table look-up itself is free), and the visual-token head on every patch or the classifier
+    on the pooled vector."""
+    arch = model.arch()
+    patch, width, depth = arch["patch_size"], arch["width"], arch["depth"]
+    grid = (image_hw[0] // patch[0], image_hw[1] // patch[1])
+    patches = grid[0] * grid[1]
+    tokens = 1 + patches
+    out = {"patch_embed": flops.patch_embed(image_hw, patch, model.in_channels, width),
+           **flops.transformer_blocks(tokens, width, depth, arch["mlp_dim"]),
+           "rel_pos_bias": 0.0 if model.rel_pos == "none" else float(depth * arch["num_heads"] * tokens * tokens)}
+    if model.vocab_size is not None:
+        out["head"] = flops.dense(patches, width, model.vocab_size)
+    elif model.num_classes is not None:
+        out["head"] = flops.dense(1, width, model.num_classes)
+    return out

@@ -2,8 +2,9 @@
 
 A ViT image tower and a causal text tower, each followed by a bias-free projection into a
 shared embedding space, plus a learnable temperature. `encode_image` / `encode_text` return
-unnormalised projected embeddings (open_clip's convention); `__call__` returns both
-L2-normalised plus exp(logit_scale), clipped at 100, and SigLIP's logit bias when enabled.
+unnormalised projected embeddings (open_clip's convention); `__call__` returns a dict
+(mmjax.models.outputs) of both L2-normalised ("image_embeds", "text_embeds"), "logit_scale"
+(exp of the parameter, clipped at 100) and SigLIP's "logit_bias" when enabled.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.models import layers, text, vit
+from mmjax import flops, layers
+from mmjax.models import text, vit
 
 MAX_LOGIT_SCALE = 100.0
 
@@ -63,18 +65,37 @@ class CLIP(nn.Module):
                 nn.initializers.constant(self.logit_bias_init), ()), ())
 
     def encode_image(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        return self.image_proj(self.visual(images, train=train)).astype(jnp.float32)
+        return self.image_proj(self.visual(images, train=train)["pooled"]).astype(jnp.float32)
 
     def encode_text(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
-        return self.text_proj(self.textual(tokens, train=train)).astype(jnp.float32)
+        return self.text_proj(self.textual(tokens, train=train)["pooled"]).astype(jnp.float32)
 
     def scale(self) -> jax.Array:
         """exp(logit_scale), clipped at MAX_LOGIT_SCALE (open_clip clamps the raw parameter)."""
         return jnp.exp(jnp.clip(self.logit_scale, None, np.log(MAX_LOGIT_SCALE)))
 
-    def __call__(self, images: jax.Array, tokens: jax.Array, *, train: bool = False):
-        zimg = l2_normalize(self.encode_image(images, train=train))
-        ztxt = l2_normalize(self.encode_text(tokens, train=train))
-        if self.logit_bias_init is None:
-            return zimg, ztxt, self.scale()
-        return zimg, ztxt, self.scale(), self.logit_bias
+    def __call__(self, images: jax.Array, tokens: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+        """{"image_embeds", "text_embeds" (L2-normalised), "logit_scale"[, "logit_bias"]}."""
+        out = {"image_embeds": l2_normalize(self.encode_image(images, train=train)),
+               "text_embeds": l2_normalize(self.encode_text(tokens, train=train)),
+               "logit_scale": self.scale()}
+        if self.logit_bias_init is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
+
+
+def forward_flops(model: CLIP, image_hw: tuple[int, int], text_length: int, batch_size: int | None = None,
+                  train: bool = False) -> dict[str, float]:
+    """Analytic forward FLOPs per image-text pair (mmjax.flops), by part.
+
+    With `batch_size` (the global batch), adds the pair's share of the contrastive logits:
+    one row of the (B, B) similarity matrix.
+    """
+    image_cfg, text_cfg = tower_configs(model)
+    image, txt = vit.ViT(**image_cfg), text.TextTransformer(**text_cfg)
+    out = {**flops.prefixed("image_", vit.forward_flops(image, image_hw, train)),
+           **flops.prefixed("text_", text.forward_flops(txt, text_length))}
+    image_width = image.representation_size or image.arch()["width"]
+    out["projections"] = flops.dense(1, image_width + txt.width, model.embed_dim)
+    out["logits"] = flops.dense(1, model.embed_dim, batch_size) if batch_size else 0.0
+    return out

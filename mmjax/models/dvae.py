@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models import layers
+from mmjax import flops, layers
 
 LOGIT_LAPLACE_EPS = 0.1
 GROUPS = 4
@@ -152,3 +152,27 @@ class DVAEDecoder(nn.Module):
     def reconstruct(self, tokens: jax.Array) -> jax.Array:
         """Images (B, 8h, 8w, C) in [0, 1]: sigmoid of the location logits, unmapped."""
         return unmap_pixels(jax.nn.sigmoid(self(tokens)[..., :self.out_channels]))
+
+
+def encoder_flops(model: DVAEEncoder, image_hw: tuple[int, int]) -> dict[str, float]:
+    """Analytic forward FLOPs per image of the encoder (mmjax.flops), by part: the input 7×7
+    conv, each group's blocks (an optional 1×1 identity projection, three 3×3 convs and a 1×1
+    on width/4 channels inside) and the 1×1 codebook logits; max-pools and ReLUs are free."""
+    hw = tuple(image_hw)
+    out = {"input": flops.conv(hw, (7, 7), model.in_channels, model.n_hid)}
+    channels = model.n_hid
+    for g, mult in enumerate(ENCODER_WIDTHS):
+        features = mult * model.n_hid
+        hidden = features // 4
+        count = 0.0
+        for _ in range(model.blocks_per_group):
+            if channels != features:
+                count += flops.conv(hw, (1, 1), channels, features)
+            count += flops.conv(hw, (3, 3), channels, hidden) + 2 * flops.conv(hw, (3, 3), hidden, hidden)
+            count += flops.conv(hw, (1, 1), hidden, features)
+            channels = features
+        out[f"group_{g + 1}"] = count
+        if g < GROUPS - 1:
+            hw = (hw[0] // 2, hw[1] // 2)
+    out["output"] = flops.conv(hw, (1, 1), channels, model.vocab_size)
+    return out

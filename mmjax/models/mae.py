@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models import layers, transformer, vit
+from mmjax import flops, layers
+from mmjax.models import vit
 
 # Decoder shape shared by every paper variant: 512 wide, 8 blocks, 16 heads, MLP ratio 4.
 DECODER = dict(decoder_width=512, decoder_depth=8, decoder_heads=16, decoder_mlp_dim=2048)
@@ -62,7 +63,7 @@ def random_masking(x: jax.Array, noise: jax.Array, mask_ratio: float):
 
 
 class MAE(nn.Module):
-    """MAE encoder + decoder. `__call__` returns (per-patch pixel predictions, out dict)."""
+    """MAE encoder + decoder. `__call__` returns {"pred", "mask", "ids_restore", "tokens"}."""
 
     variant: str | None = None
     width: int | None = None
@@ -83,9 +84,18 @@ class MAE(nn.Module):
     attention_impl: str = "xla"
     scan: bool = False
     remat_policy: str = "none"
+    block: dict | layers.BlockConfig | None = None   # BlockConfig overrides of encoder and decoder blocks
 
     def arch(self) -> dict:
         return vit.resolve_arch(self)
+
+    def block_config(self, decoder: bool = False) -> layers.BlockConfig:
+        """The encoder's (or decoder's) block: this model's fields, then the `block` overrides."""
+        arch = self.arch()
+        heads, mlp_dim = ((self.decoder_heads, self.decoder_mlp_dim) if decoder
+                          else (arch["num_heads"], arch["mlp_dim"]))
+        return layers.block_config(self.block, num_heads=heads, mlp_dim=mlp_dim, mlp=self.act,
+                                   norm_eps=self.ln_eps, dtype=self.dtype, attention_impl=self.attention_impl)
 
     def setup(self):
         if not 0.0 <= self.mask_ratio < 1.0:
@@ -97,18 +107,15 @@ class MAE(nn.Module):
         self.embedding = layers.PatchEmbed(arch["width"], arch["patch_size"], dtype=self.dtype)
         self.cls = self.param("cls", nn.with_logical_partitioning(
             nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, arch["width"]))
-        stack = dict(act=self.act, ln_eps=self.ln_eps, dtype=self.dtype, attention_impl=self.attention_impl,
-                     scan=self.scan, remat_policy=self.remat_policy)
-        self.encoder = transformer.Encoder(depth=arch["depth"], num_heads=arch["num_heads"],
-                                           mlp_dim=arch["mlp_dim"], drop_path=self.drop_path, **stack)
+        stack = dict(scan=self.scan, remat_policy=self.remat_policy)
+        self.encoder = layers.Stack(self.block_config(), arch["depth"], drop_path=self.drop_path, **stack)
         self.norm = layers.LayerNorm(self.ln_eps)
         self.decoder_embed = nn.Dense(
             self.decoder_width, dtype=self.dtype, kernel_init=layers.dense_init(("embed", "mlp")),
             bias_init=layers.dense_init(("mlp",), nn.initializers.zeros))
         self.mask_token = self.param("mask_token", nn.with_logical_partitioning(
             nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, self.decoder_width))
-        self.decoder = transformer.Encoder(depth=self.decoder_depth, num_heads=self.decoder_heads,
-                                           mlp_dim=self.decoder_mlp_dim, **stack)
+        self.decoder = layers.Stack(self.block_config(decoder=True), self.decoder_depth, **stack)
         self.decoder_norm = layers.LayerNorm(self.ln_eps)
         self.decoder_pred = nn.Dense(
             self.patch * self.patch * self.in_channels, dtype=self.dtype,
@@ -166,9 +173,29 @@ class MAE(nn.Module):
         x = self.decoder_norm(self.decoder(x, deterministic=not train))
         return self.decoder_pred(x.astype(self.dtype))[:, 1:].astype(jnp.float32)
 
-    def __call__(self, images: jax.Array, noise: jax.Array | None = None, *, train: bool = False):
-        """Returns (pred (B, N, patch²·C), {"mask": (B, N) 1 = masked, "ids_restore", "latent"})."""
+    def __call__(self, images: jax.Array, noise: jax.Array | None = None, *,
+                 train: bool = False) -> dict[str, jax.Array]:
+        """A dict (mmjax.models.outputs): "pred" (B, N, patch²·C), "mask" (B, N) 1 = masked,
+        "ids_restore" (B, N), "tokens" the encoded [CLS] + visible patches (B, 1 + keep, width)."""
         latent, mask, ids_restore = self.encode(images, noise, train=train)
         grid = (images.shape[1] // self.patch, images.shape[2] // self.patch)
         pred = self.decode(latent, ids_restore, grid, train=train)
-        return pred, {"mask": mask, "ids_restore": ids_restore, "latent": latent}
+        return {"pred": pred, "mask": mask, "ids_restore": ids_restore, "tokens": latent.astype(jnp.float32)}
+
+
+def forward_flops(model: MAE, image_hw: tuple[int, int]) -> dict[str, float]:
+    """Analytic forward FLOPs per image (mmjax.flops), by part: every patch is embedded, the
+    encoder sees [CLS] + the visible patches, the decoder [CLS] + all patches (masked ones as
+    mask tokens), and the pixel head runs on all of its tokens. The same in training and
+    evaluation: MAE always masks."""
+    arch = model.arch()
+    patch, width = arch["patch_size"], arch["width"]
+    grid = (image_hw[0] // patch[0], image_hw[1] // patch[1])
+    patches = grid[0] * grid[1]
+    visible = 1 + num_visible(patches, model.mask_ratio)
+    return {"patch_embed": flops.patch_embed(image_hw, patch, model.in_channels, width),
+            **flops.transformer_blocks(visible, width, arch["depth"], arch["mlp_dim"]),
+            "decoder_embed": flops.dense(visible, width, model.decoder_width),
+            **flops.transformer_blocks(1 + patches, model.decoder_width, model.decoder_depth,
+                                       model.decoder_mlp_dim, name="decoder_blocks"),
+            "decoder_pred": flops.dense(1 + patches, model.decoder_width, patch[0] * patch[1] * model.in_channels)}

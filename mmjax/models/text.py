@@ -1,6 +1,7 @@
 """Text transformer (CLIP's text tower): token + learned position embeddings, causal blocks.
 
-Returns one pooled vector per sequence after the final LayerNorm. `pool="argmax"` takes the
+Returns a dict (mmjax.models.outputs): "tokens" after the final LayerNorm and, unless
+`pool="none"`, "pooled", one vector per sequence. `pool="argmax"` takes the
 position of the largest token id, which is the end-of-text token for CLIP's BPE and for the
 mmjax word tokenizers (open_clip's convention); `"last"` takes the final position.
 """
@@ -11,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models import layers, transformer
+from mmjax import flops, layers
 
 POOLS = ("argmax", "last", "first", "none")
 
@@ -32,9 +33,17 @@ class TextTransformer(nn.Module):
     attention_impl: str = "xla"
     scan: bool = False
     remat_policy: str = "none"
+    block: dict | layers.BlockConfig | None = None   # BlockConfig overrides, e.g. dict(norm="post")
+
+    def block_config(self) -> layers.BlockConfig:
+        """The tower's block: this model's fields, then the `block` overrides."""
+        return layers.block_config(
+            self.block, num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.width, mlp=self.act,
+            norm_eps=self.ln_eps, causal=self.causal, dropout=self.dropout, dtype=self.dtype,
+            attention_impl=self.attention_impl)
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, tokens: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
         if self.pool not in POOLS:
             raise ValueError(f"Unknown text pool {self.pool!r}; known: {POOLS}")
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -52,19 +61,22 @@ class TextTransformer(nn.Module):
         x = x + pos[None, :tokens.shape[1]].astype(x.dtype)
         x = layers.constrain(x, ("act_batch", "act_len", "act_emb"))
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        x = transformer.Encoder(
-            depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.width,
-            dropout=self.dropout, act=self.act, ln_eps=self.ln_eps, causal=self.causal,
-            dtype=self.dtype, attention_impl=self.attention_impl, scan=self.scan,
-            remat_policy=self.remat_policy, name="encoder")(x, deterministic=not train)
+        x = layers.Stack(self.block_config(), self.depth, scan=self.scan, remat_policy=self.remat_policy,
+                         name="encoder")(x, deterministic=not train)
         x = layers.LayerNorm(self.ln_eps, name="ln_final")(x)
-        self.sow("intermediates", "encoded", x)
+        out = {"tokens": x.astype(jnp.float32)}
         if self.pool == "none":
-            return x.astype(jnp.float32)
+            return out
         if self.pool == "argmax":
             index = jnp.argmax(tokens, axis=-1)
         elif self.pool == "last":
             index = jnp.full((tokens.shape[0],), tokens.shape[1] - 1)
         else:
             index = jnp.zeros((tokens.shape[0],), jnp.int32)
-        return jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+        out["pooled"] = jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+        return out
+
+
+def forward_flops(model: TextTransformer, length: int) -> dict[str, float]:
+    """Analytic forward FLOPs per sequence (mmjax.flops), by part."""
+    return flops.transformer_blocks(length, model.width, model.depth, model.mlp_dim or 4 * model.width)

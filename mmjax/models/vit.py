@@ -1,8 +1,8 @@
 """Vision Transformer (Dosovitskiy et al. 2021) with big_vision's variants table.
 
 `ViT(variant="B/16")` expands to width/depth/mlp/heads/patch; any field can be overridden.
-`__call__` returns logits when `num_classes` is set, else pooled features (or all tokens with
-`pool="none"`); the encoded tokens and pre-logits are sown into `intermediates`.
+`__call__` returns a dict (mmjax.models.outputs): "tokens" (the encoded sequence), "pooled"
+(the pre-logits; not with `pool="none"`) and "logits" when `num_classes` is set.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models import conv_stem, layers, transformer
+from mmjax import flops, layers
+from mmjax.models import conv_stem
 
 # name: (width, depth, mlp_dim, num_heads)
 VARIANTS = {
@@ -137,12 +138,22 @@ class ViT(nn.Module):
     attention_impl: str = "xla"
     scan: bool = False
     remat_policy: str = "none"
+    block: dict | layers.BlockConfig | None = None   # BlockConfig overrides, e.g. dict(norm="post")
 
     def arch(self) -> dict:
         return resolve_arch(self)
 
+    def block_config(self) -> layers.BlockConfig:
+        """The encoder's block: this model's fields, then the `block` overrides."""
+        arch = self.arch()
+        return layers.block_config(
+            self.block, num_heads=arch["num_heads"], mlp_dim=arch["mlp_dim"], mlp=self.act, norm_eps=self.ln_eps,
+            q_bias=self.qkv_bias, k_bias=self.qkv_bias, v_bias=self.qkv_bias, out_bias=self.qkv_bias,
+            layer_scale=self.layer_scale, dropout=self.dropout, dtype=self.dtype,
+            attention_impl=self.attention_impl)
+
     @nn.compact
-    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
         if self.pool not in POOLS:
             raise ValueError(f"Unknown pool {self.pool!r}; known: {POOLS}")
         if self.posemb not in POSEMBS:
@@ -179,18 +190,14 @@ class ViT(nn.Module):
         x = layers.constrain(x, ("act_batch", "act_len", "act_emb"))
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
-        x = transformer.Encoder(
-            depth=arch["depth"], num_heads=arch["num_heads"], mlp_dim=arch["mlp_dim"],
-            dropout=self.dropout, act=self.act, ln_eps=self.ln_eps, layer_scale=self.layer_scale,
-            qkv_bias=self.qkv_bias, dtype=self.dtype, attention_impl=self.attention_impl,
-            scan=self.scan, remat_policy=self.remat_policy, drop_path=self.drop_path,
-            name="encoder")(x, deterministic=not train)
+        x = layers.Stack(self.block_config(), arch["depth"], scan=self.scan, remat_policy=self.remat_policy,
+                         drop_path=self.drop_path, name="encoder")(x, deterministic=not train)
         if not self.fc_norm:
             x = layers.LayerNorm(self.ln_eps, name="norm")(x)
-        self.sow("intermediates", "encoded", x)
+        out = {"tokens": x.astype(jnp.float32)}
 
         if self.pool == "none":
-            return x.astype(jnp.float32)
+            return out
         if self.pool == "cls":
             x = x[:, 0]
         elif self.pool == "gap":
@@ -203,11 +210,59 @@ class ViT(nn.Module):
             x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits",
                                  kernel_init=layers.dense_init(("embed", "mlp")),
                                  bias_init=layers.dense_init(("mlp",), nn.initializers.zeros))(x))
-        self.sow("intermediates", "pre_logits", x)
+        out["pooled"] = x.astype(jnp.float32)
         if self.num_classes is None:
-            return x.astype(jnp.float32)
+            return out
         kernel_init = nn.initializers.zeros if self.head_zero_init else nn.initializers.xavier_uniform()
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
                           kernel_init=layers.dense_init(("embed", "classes"), kernel_init),
                           bias_init=layers.dense_init(("classes",), nn.initializers.constant(self.head_bias_init)))(x)
-        return logits.astype(jnp.float32)
+        out["logits"] = logits.astype(jnp.float32)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytic FLOPs (mmjax.flops): checked against XLA's count in tests/test_flops.py
+# ---------------------------------------------------------------------------------------------
+
+def tokens_seen(model: ViT, image_hw: tuple[int, int], train: bool = False) -> int:
+    """Tokens the encoder sees: kept patches (patch dropping in training) plus [CLS]."""
+    patch = model.arch()["patch_size"]
+    patches = (image_hw[0] // patch[0]) * (image_hw[1] // patch[1])
+    if train:
+        patches = kept_patches(patches, model.patch_drop_ratio)
+    class_token = model.class_token
+    return patches + int(model.pool == "cls" if class_token is None else class_token)
+
+
+def patch_embed_flops(model: ViT, image_hw: tuple[int, int]) -> float:
+    """The patchify convolution, or the conv stem's 3×3 stride-2 layers plus its last conv."""
+    patch, width = model.arch()["patch_size"], model.arch()["width"]
+    hw, channels = tuple(image_hw), model.in_channels
+    count = 0.0
+    for c in model.conv_stem:          # SAME padding: each layer halves h and w
+        count += flops.conv(hw, (3, 3), channels, c, stride=2)
+        hw, channels = (-(-hw[0] // 2), -(-hw[1] // 2)), c
+    reduction = 2 ** len(model.conv_stem)
+    return count + flops.patch_embed(hw, (patch[0] // reduction, patch[1] // reduction), channels, width)
+
+
+def forward_flops(model: ViT, image_hw: tuple[int, int], train: bool = False) -> dict[str, float]:
+    """Forward FLOPs per image, by part. `train` applies patch dropping."""
+    arch = model.arch()
+    width, mlp_dim = arch["width"], arch["mlp_dim"]
+    tokens = tokens_seen(model, image_hw, train)
+    out = {"patch_embed": patch_embed_flops(model, image_hw),
+           **flops.transformer_blocks(tokens, width, arch["depth"], mlp_dim)}
+    head = 0.0
+    if model.pool == "map":   # one query attending over all tokens, then an MLP
+        head += 2 * flops.dense(1, width, width) + 2 * flops.dense(tokens, width, width)
+        head += flops.attention(1, tokens, width) + 2 * flops.dense(1, width, mlp_dim)
+    features = width
+    if model.representation_size is not None:
+        head += flops.dense(1, width, model.representation_size)
+        features = model.representation_size
+    if model.num_classes is not None:
+        head += flops.dense(1, features, model.num_classes)
+    out["head"] = head
+    return out

@@ -9,6 +9,7 @@ from mmjax.tasks.base import Task
 _TASKS = {
     "classification": "mmjax.tasks.classification:ClassificationTask",
     "contrastive": "mmjax.tasks.contrastive:ContrastiveTask",
+    "contrastive_momentum": "mmjax.tasks.momentum_contrastive:MomentumContrastiveTask",
     "mae": "mmjax.tasks.mae:MAETask",
     "beit": "mmjax.tasks.beit:BEiTTask",
     "beit_classification": "mmjax.tasks.beit:BEiTClassificationTask",
@@ -16,9 +17,15 @@ _TASKS = {
 
 
 def get_task(config: ml_collections.ConfigDict) -> Task:
-    """Builds the task named by `config.task`."""
+    """Builds the task named by `config.task`, and checks that it can serve every evaluator of
+    `config.evals` (a retrieval evaluator on a classifier fails here, not after training)."""
     if config.task not in _TASKS:
         raise ValueError(f"Unknown task {config.task!r}; known: {sorted(_TASKS)}")
     import importlib
+
+    from mmjax.evaluate import runner
+
     module, cls = _TASKS[config.task].split(":")
-    return getattr(importlib.import_module(module), cls)(config)
+    task = getattr(importlib.import_module(module), cls)(config)
+    runner.check(task)
+    return task

@@ -2,20 +2,26 @@
 
 A task builds its model from the config, turns a batch into (loss, metrics), and evaluates
 parameters. The trainer never looks inside the model.
+
+Task-owned train state (momentum encoders, feature queues, running statistics): a task that
+needs state besides its parameters returns it from `init_extra_state` and updates it in
+`train_loss`. The trainer keeps each entry of that dict beside "params" in the train state
+(`state["ema_params"]`, ...): created with the parameters' logical-axis shardings, updated
+inside the jitted, donated step (not when `config.nonfinite="skip"` drops the step), saved and
+restored exactly with the rest. An entry named "ema_params" that mirrors the parameters is what
+`mmjax.load(WORKDIR, which="ema")` reads. Tasks without extra state implement `loss` only, and
+their train state and checkpoints keep the layout {"step", "params", "opt_state", "nonfinite"}.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from mmjax import sharding
+from jax.sharding import Mesh
 
 
 class Task:
@@ -31,10 +37,39 @@ class Task:
         raise NotImplementedError
 
     def loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
+        """(scalar loss, scalar metrics) of a batch; the trainer differentiates it w.r.t. params."""
         raise NotImplementedError
 
+    def init_extra_state(self, params: Any, rng: jax.Array) -> dict[str, Any] | None:
+        """Train state the task owns besides its parameters, or None (the default) for none.
+
+        `params` are the initial (possibly warm-started) parameters, each leaf still in its
+        logical-partitioning box, so a copy (`jax.tree.map(jnp.copy, ...)`) shards like them. Return
+        a dict of named entries whose leaves are arrays or boxed arrays (`nn.LogicallyPartitioned`;
+        unboxed leaves are replicated). Names must not be the trainer's own ("step", "params",
+        "opt_state", "nonfinite").
+        """
+        del params, rng
+        return None
+
+    def train_loss(self, params: Any, extra: dict[str, Any], batch: dict[str, jax.Array],
+                   rng: jax.Array) -> tuple[jax.Array, tuple[dict, dict[str, Any]]]:
+        """What the train step differentiates w.r.t. `params` alone: (loss, (metrics, new extra)).
+
+        `extra` is the state of `init_extra_state` as the previous step left it ({} without any);
+        the new extra state must have its structure and is a constant to the gradient (stop
+        gradients through parameters it is computed from). The default is `loss` with no state.
+        """
+        loss, metrics = self.loss(params, batch, rng)
+        return loss, (metrics, extra)
+
     def evaluate(self, params: Any, mesh: Mesh) -> dict[str, float]:
-        raise NotImplementedError
+        """Runs the evaluators of `config.evals` on `params` (mmjax.evaluate.runner): they call the
+        predict functions a task defines (classify, embed_images, embed_texts, score_pairs,
+        image_features, reconstruct; see runner.PREDICT_FUNCTIONS)."""
+        from mmjax.evaluate import runner
+
+        return runner.evaluate(self, params, mesh)
 
     def model_description(self, batch: dict[str, Any]) -> dict:
         """How `mmjax.load(WORKDIR)` rebuilds the trained model: {"module": the flax module,
@@ -46,7 +81,8 @@ class Task:
         """Analytic model FLOPs of one training example (forward + backward; see mmjax.flops).
 
         `batch_shapes` holds the global batch's array shapes. None when the task cannot count,
-        in which case the trainer logs no TFLOP/s or MFU.
+        in which case the trainer logs no TFLOP/s or MFU; every mmjax task counts (from its
+        family's `forward_flops`), and tests/test_flops.py checks each against XLA's count.
         """
         return None
 
@@ -54,56 +90,3 @@ class Task:
 def input_spec(x: Any, dtype: Any = None) -> dict:
     """The spec of one example of batch array `x` (mmjax.pretrained's format: batch dim 1)."""
     return {"shape": [1, *(int(d) for d in x.shape[1:])], "dtype": str(np.dtype(dtype or x.dtype))}
-
-
-def fetch(tree: Any) -> Any:
-    """Device arrays -> host numpy, gathering the shards other processes hold on multi-host runs."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
-def put_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Places a batch that every process holds in full onto the mesh, split over the data axes."""
-    target = sharding.batch_sharding(mesh)
-
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
-
-    return {k: put(v) for k, v in batch.items()}
-
-
-def put_replicated(x: np.ndarray, mesh: Mesh) -> jax.Array:
-    """Places an array that every process holds in full onto every device of the mesh."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec()), lambda index: x[index])
-
-
-def run_over_split(eval_cfg: ml_collections.ConfigDict, mesh: Mesh, fn: Callable[..., Any],
-                   tokenizer=None, *, name: str) -> Iterator[tuple[dict[str, np.ndarray], Any]]:
-    """Yields (batch with padding dropped, fn(device batch) with padding dropped) over a split.
-
-    The eval batch size is rounded up to a multiple of the data-parallel size so that every
-    batch shards evenly; padding rows carry mask=False and are removed here. A split that
-    yields no examples raises, naming the evaluator `name` (e.g. "evals.top1"): a metric over
-    nothing would read as a real 0.0 or fail somewhere obscure.
-    """
-    from mmjax.data import pipeline  # the data stack is only needed once evaluation runs
-
-    dp = sharding.data_parallel_size(mesh)
-    batch_size = -(-int(eval_cfg.get("batch_size", 256)) // dp) * dp
-    examples = 0
-    for batch in pipeline.eval_batches(eval_cfg.data, eval_cfg.pp, batch_size, tokenizer=tokenizer,
-                                       max_examples=eval_cfg.get("max_examples")):
-        mask = np.asarray(batch.pop("mask"), bool)
-        examples += int(mask.sum())
-        out = fetch(fn(put_global(batch, mesh)))
-        keep = lambda x, mask=mask: np.asarray(x)[mask]
-        yield jax.tree.map(keep, batch), jax.tree.map(keep, out)
-    if examples == 0:
-        raise ValueError(
-            f"{name}: the evaluation split has no examples (data={dict(eval_cfg.data)}, "
-            f"max_examples={eval_cfg.get('max_examples')}). Point {name}.data at a split with "
-            f"examples (its split, image_dir or shards), raise {name}.max_examples, or remove "
-            f"{name} from config.evals.")

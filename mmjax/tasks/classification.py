@@ -8,14 +8,11 @@ compares against the argmax of those targets.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import ml_collections
 
 from mmjax import flops
 from mmjax.data import mixing
-from mmjax.evaluate import classification as cls_eval
 from mmjax.losses import classification as cls_losses
 from mmjax.models import vit
 from mmjax.tasks import base
@@ -39,7 +36,7 @@ class ClassificationTask(base.Task):
         self.model = self.model_class(**config.model.to_dict())
         if self.model.num_classes is None:
             raise ValueError(f"The {self.name} task needs model.num_classes")
-        self._logits = jax.jit(self.model.apply)
+        self._logits = jax.jit(lambda variables, images: self.model.apply(variables, images)["logits"])
 
     def init_variables(self, rng, batch):
         return self.model.init({"params": rng}, batch["image"])
@@ -51,7 +48,7 @@ class ClassificationTask(base.Task):
             fold = smoothing if self.loss_name == "softmax_xent" else 0.0
             images, labels = mixing.mix_batch(mix_rng, images, labels, self.model.num_classes, self.mixup, fold)
             smoothing = 0.0
-        logits = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+        logits = self.model.apply({"params": params}, images, train=True, rngs={"dropout": rng})["logits"]
         if self.loss_name == "softmax_xent":
             loss = cls_losses.softmax_xent(logits, labels, smoothing)
         else:
@@ -65,22 +62,8 @@ class ClassificationTask(base.Task):
 
     def train_flops_per_example(self, batch_shapes):
         image_hw = tuple(batch_shapes["image"][1:3])
-        return flops.TRAIN_FACTOR * flops.total(flops.vit_flops(self.model, image_hw, train=True))
+        return flops.TRAIN_FACTOR * flops.total(vit.forward_flops(self.model, image_hw, train=True))
 
-    def evaluate(self, params, mesh):
-        evals = self.config.get("evals", {})
-        if "top1" not in evals:
-            return {}
-        from mmjax.data import sources  # the data stack is only needed once evaluation runs
-
-        names = sources.class_names(evals.top1.data)   # folder names, class_names_file or TFDS's
-        if names and len(names) > self.model.num_classes:
-            raise ValueError(f"evals.top1 data has {len(names)} classes but the model has "
-                             f"model.num_classes={self.model.num_classes}")
-        correct = counted = 0
-        logits_fn = functools.partial(self._logits, {"params": params})
-        for batch, logits in base.run_over_split(evals.top1, mesh, lambda b: logits_fn(b["image"]),
-                                                  name="evals.top1"):
-            c, n = cls_eval.top1(logits, batch["label"])
-            correct, counted = correct + c, counted + n
-        return {"top1": correct / max(counted, 1)}
+    def classify(self, params, images: jax.Array) -> jax.Array:
+        """(B, num_classes) logits (the top1 evaluator's predict function)."""
+        return self._logits({"params": params}, images)

@@ -1,4 +1,4 @@
-"""Contrastive image–text pretraining (CLIP / SigLIP) and its evaluators."""
+"""Contrastive image–text pretraining (CLIP / SigLIP) and the predict functions its evaluators call."""
 
 from __future__ import annotations
 
@@ -7,16 +7,26 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from mmjax import flops
 from mmjax.data import tokenizers
-from mmjax.evaluate import retrieval, zeroshot
 from mmjax.losses import contrastive
 from mmjax.models import clip
 from mmjax.tasks import base
 
 LOSSES = ("clip", "siglip")
+
+
+def loss_inputs(out: dict) -> tuple[jax.Array, ...]:
+    """CLIP's output dict as the losses' positional inputs: (zimg, ztxt, scale[, bias])."""
+    args = (out["image_embeds"], out["text_embeds"], out["logit_scale"])
+    return args + ((out["logit_bias"],) if "logit_bias" in out else ())
+
+
+def pair_logits(out: dict) -> jax.Array:
+    """(B,) logits of the aligned pairs (image i, text i) of CLIP's output dict."""
+    logits = out["logit_scale"] * jnp.sum(out["image_embeds"] * out["text_embeds"], axis=-1)
+    return logits + out["logit_bias"] if "logit_bias" in out else logits
 
 
 class ContrastiveTask(base.Task):
@@ -46,6 +56,8 @@ class ContrastiveTask(base.Task):
                              f"text tower's context_length {context}")
         self._encode_image = jax.jit(functools.partial(self.model.apply, method="encode_image"))
         self._encode_text = jax.jit(functools.partial(self.model.apply, method="encode_text"))
+        self._score_pairs = jax.jit(lambda variables, images, tokens: pair_logits(
+            self.model.apply(variables, images, tokens)))
 
     def init_variables(self, rng, batch):
         return self.model.init({"params": rng}, batch["image"], batch["text"])
@@ -53,8 +65,8 @@ class ContrastiveTask(base.Task):
     def loss(self, params, batch, rng):
         out = self.model.apply({"params": params}, batch["image"], batch["text"], train=True,
                                rngs={"dropout": rng})
-        loss, metrics = self._loss_fn(*out)
-        metrics["logit_scale"] = out[2]
+        loss, metrics = self._loss_fn(*loss_inputs(out))
+        metrics["logit_scale"] = out["logit_scale"]
         return loss, metrics
 
     def model_description(self, batch):
@@ -62,63 +74,18 @@ class ContrastiveTask(base.Task):
         return {"module": self.model, "inputs": inputs, "params_key": None}
 
     def train_flops_per_example(self, batch_shapes):
-        parts = flops.clip_flops(self.model, tuple(batch_shapes["image"][1:3]), batch_shapes["text"][1],
-                                 batch_size=batch_shapes["image"][0], train=True)
+        parts = clip.forward_flops(self.model, tuple(batch_shapes["image"][1:3]), batch_shapes["text"][1],
+                                  batch_size=batch_shapes["image"][0], train=True)
         return flops.TRAIN_FACTOR * flops.total(parts)
 
-    def encode_texts(self, params, texts: list[str], batch_size: int = 256, mesh=None) -> np.ndarray:
-        """Embeds strings in fixed-size chunks (one compiled shape).
+    def embed_images(self, params, images: jax.Array) -> jax.Array:
+        """(B, embed_dim) unnormalised image embeddings (zero-shot and retrieval call this)."""
+        return self._encode_image({"params": params}, images)
 
-        With a `mesh` the tokens are replicated over it, as params that span processes require.
-        """
-        out = []
-        for start in range(0, len(texts), batch_size):
-            chunk = list(texts[start:start + batch_size])
-            tokens = self.tokenizer(chunk + [""] * (batch_size - len(chunk)))
-            tokens = jnp.asarray(tokens) if mesh is None else base.put_replicated(tokens, mesh)
-            emb = base.fetch(self._encode_text({"params": params}, tokens))
-            out.append(np.asarray(emb)[:len(chunk)])
-        return np.concatenate(out)
+    def embed_texts(self, params, tokens: jax.Array) -> jax.Array:
+        """(B, embed_dim) unnormalised text embeddings of token ids."""
+        return self._encode_text({"params": params}, tokens)
 
-    def evaluate(self, params, mesh):
-        metrics = {}
-        evals = self.config.get("evals", {})
-        if "zeroshot" in evals:
-            metrics.update(self._zeroshot(params, mesh, evals.zeroshot))
-        if "retrieval" in evals:
-            metrics.update(self._retrieval(params, mesh, evals.retrieval))
-        return metrics
-
-    def _zeroshot(self, params, mesh, cfg):
-        from mmjax.data import sources
-
-        own = sources.class_names(cfg.data)     # folder names, data.class_names_file or TFDS's
-        names = list(cfg.get("class_names") or own or [])
-        if not names:
-            raise ValueError(f"Zero-shot eval on {cfg.data.name} needs class names: the data set has "
-                             "no 'label' ClassLabel feature or class folders; set "
-                             "evals.zeroshot.class_names or evals.zeroshot.data.class_names_file")
-        if own and len(own) != len(names):
-            raise ValueError(f"evals.zeroshot.class_names has {len(names)} names, but the data set has "
-                             f"{len(own)} classes")
-        class_embs = zeroshot.class_embeddings(
-            lambda texts: self.encode_texts(params, texts, mesh=mesh), names, list(cfg.templates))
-        embs, labels = [], []
-        encode = lambda b: self._encode_image({"params": params}, b["image"])  # noqa: E731
-        for batch, emb in base.run_over_split(cfg, mesh, encode, name="evals.zeroshot"):
-            embs.append(emb)
-            labels.append(batch["label"])
-        top1 = zeroshot.zeroshot_top1(np.concatenate(embs), np.concatenate(labels), class_embs)
-        return {"zeroshot/top1": top1, "zeroshot/num_classes": len(names)}
-
-    def _retrieval(self, params, mesh, cfg):
-        def encode(b):
-            return (self._encode_image({"params": params}, b["image"]),
-                    self._encode_text({"params": params}, b["text"]))
-        img, txt = [], []
-        for _, (i, t) in base.run_over_split(cfg, mesh, encode, tokenizer=self.tokenizer,
-                                                 name="evals.retrieval"):
-            img.append(i)
-            txt.append(t)
-        recalls = retrieval.recall_at_k(np.concatenate(img), np.concatenate(txt), cfg.get("ks", (1, 5, 10)))
-        return {f"retrieval/{k}": v for k, v in recalls.items()}
+    def score_pairs(self, params, images: jax.Array, tokens: jax.Array) -> jax.Array:
+        """(B,) logits that image i matches text i: scale · cosine (+ SigLIP's bias), for re-ranking."""
+        return self._score_pairs({"params": params}, images, tokens)

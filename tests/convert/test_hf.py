@@ -50,7 +50,7 @@ def hf_vit(tmp_path_factory, randomize, images, convert):
     del ref
     convert("--source", "hf", "--checkpoint", tmp / "hf", "--output", tmp / "mm")
     model, variables = mmjax.load(str(tmp / "mm"))
-    return {"got": np.asarray(jax.jit(model.apply)(variables, x)), "want": want}
+    return {"got": np.asarray(jax.jit(model.apply)(variables, x)["logits"]), "want": want}
 
 
 def test_vit_logits_match_transformers(hf_vit, diff):
@@ -143,7 +143,7 @@ def test_vit_model_pooler(tmp_path, randomize, images, convert, diff):
     convert("--source", "hf", "--checkpoint", tmp_path / "hf", "--output", tmp_path / "mm")
     model, variables = mmjax.load(str(tmp_path / "mm"))
     assert model.representation_size == 64 and model.num_classes is None
-    assert diff(jax.jit(model.apply)(variables, x), want, "transformers ViTModel pooler_output") <= 1e-4
+    assert diff(jax.jit(model.apply)(variables, x)["pooled"], want, "transformers ViTModel pooler_output") <= 1e-4
     convert("--to", "hf", "--input", tmp_path / "mm", "--output", tmp_path / "back")
     back = ViTModel.from_pretrained(str(tmp_path / "back"))
     for k, v in ref.state_dict().items():
@@ -189,12 +189,12 @@ def test_timm_and_open_clip_models_written_as_transformers_folders(tmp_path, ran
 
 
 def test_bad_input(tmp_path, convert, capsys):
-    (tmp_path / "bert").mkdir()
-    (tmp_path / "bert" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
-    io.write_state_dict(str(tmp_path / "bert" / "model.safetensors"), {"x": np.zeros(2, np.float32)})
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    io.write_state_dict(str(tmp_path / "gpt2" / "model.safetensors"), {"x": np.zeros(2, np.float32)})
     with pytest.raises(SystemExit):
-        convert("--source", "hf", "--checkpoint", tmp_path / "bert", "--output", tmp_path / "out")
-    assert "Unsupported Hugging Face architecture 'BertModel'" in capsys.readouterr().err
+        convert("--source", "hf", "--checkpoint", tmp_path / "gpt2", "--output", tmp_path / "out")
+    assert "Unsupported Hugging Face architecture 'GPT2LMHeadModel'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         convert("--source", "hf", "--checkpoint", tmp_path / "nothing", "--output", tmp_path / "out")
     assert "is not a Hugging Face model folder" in capsys.readouterr().err

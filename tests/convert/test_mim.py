@@ -16,11 +16,12 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import mmjax
+from mmjax import layers
 from mmjax.convert import api, engine, io
 from mmjax.convert import beit as beit_tables
 from mmjax.convert import mae as mae_tables
 from mmjax.losses import masked_modeling
-from mmjax.models import layers, mae
+from mmjax.models import mae
 
 
 def _nchw(x):
@@ -45,7 +46,8 @@ def hf_mae(tmp_path_factory, randomize, images, convert, fill_mae_posembs):
     del ref
     convert("--source", "hf", "--checkpoint", tmp / "hf", "--output", tmp / "mm")
     model, variables = mmjax.load(str(tmp / "mm"))
-    pred, out = jax.jit(model.apply)(variables, x, noise)
+    out = jax.jit(model.apply)(variables, x, noise)
+    pred = out["pred"]
     loss, _ = masked_modeling.mim_pixels(pred, mae.patchify(jnp.asarray(x), 16), out["mask"], norm_pix=False)
     return {"tmp": tmp, "model": model, "got": (pred, out, loss), "want": want}
 
@@ -107,7 +109,8 @@ def test_timm_mae_encoder_converts_as_vit(tmp_path, randomize, images, convert, 
     x = images(1, seed=3)
     with torch.no_grad():
         want = ref(_nchw(x)).numpy()
-    assert diff(jax.jit(model.apply)(variables, x), want, "timm vit_base_patch16_224.mae pooled features") <= 1e-4
+    got = jax.jit(model.apply)(variables, x)["pooled"]
+    assert diff(got, want, "timm vit_base_patch16_224.mae pooled features") <= 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +130,7 @@ def test_beit_mim_matches_transformers(tmp_path, randomize, randomize_tables, im
     convert("--source", "hf", "--checkpoint", tmp_path / "hf", "--output", tmp_path / "mm")
     model, variables = mmjax.load(str(tmp_path / "mm"))
     assert model.vocab_size == 8192 and model.rel_pos == "shared"
-    got = jax.jit(model.apply)(variables, x, masked)
+    got = jax.jit(model.apply)(variables, x, masked)["logits"]
     assert diff(got, want, f"transformers BeitForMaskedImageModeling (B/16, {masked.sum()} masked) logits") <= 1e-4
 
 
@@ -147,7 +150,7 @@ def timm_beit(tmp_path_factory, randomize, randomize_tables, images, convert):
     convert("--source", "timm", "--model", "beit_base_patch16_224", "--checkpoint", tmp / "beit.safetensors",
             "--output", tmp / "mm")
     model, variables = mmjax.load(str(tmp / "mm"))
-    return {"tmp": tmp, "state": state, "got": jax.jit(model.apply)(variables, x), "want": want,
+    return {"tmp": tmp, "state": state, "got": jax.jit(model.apply)(variables, x)["logits"], "want": want,
             "model": model, "variables": variables}
 
 
@@ -189,7 +192,7 @@ def test_beit_loaded_at_384_matches_timm_beit_384(timm_beit, images, diff):
     x = images(1, size=384, seed=8)
     with torch.no_grad():
         want = ref.eval()(_nchw(x)).numpy()
-    assert diff(jax.jit(model.apply)(variables, x), want, "timm beit_base_patch16_384 logits") <= 1e-4
+    assert diff(jax.jit(model.apply)(variables, x)["logits"], want, "timm beit_base_patch16_384 logits") <= 1e-4
 
 
 @pytest.mark.parametrize("name", ["beit_base_patch16_224", "beit_large_patch16_512", "beitv2_base_patch16_224",
@@ -227,7 +230,7 @@ def test_beit_classifier_in_both_key_spellings(tmp_path, randomize, randomize_ta
     for name in ("saved", "memory"):
         convert("--source", "hf", "--checkpoint", tmp_path / name, "--output", tmp_path / f"mm_{name}")
         model, variables = mmjax.load(str(tmp_path / f"mm_{name}"))
-        assert diff(jax.jit(model.apply)(variables, x), want,
+        assert diff(jax.jit(model.apply)(variables, x)["logits"], want,
                     f"transformers BeitForImageClassification (small, {name} key names) logits") <= 1e-4
 
 

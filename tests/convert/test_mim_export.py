@@ -112,7 +112,8 @@ def test_mae_hf_export_matches_mmjax(mae_hf, images, diff):
     with torch.no_grad():
         want = ref(pixel_values=_nchw(x), noise=torch.from_numpy(noise))
     model, variables = mae_hf["model"], mae_hf["variables"]
-    pred, out = jax.jit(model.apply)(variables, x, noise)
+    out = jax.jit(model.apply)(variables, x, noise)
+    pred = out["pred"]
     loss, _ = masked_modeling.mim_pixels(pred, mae.patchify(jnp.asarray(x), 8), out["mask"], norm_pix=False)
     np.testing.assert_array_equal(np.asarray(out["mask"]), want.mask.numpy())
     assert diff(pred, want.logits, "mmjax MAE -> transformers ViTMAEForPreTraining reconstruction") <= 1e-4
@@ -145,7 +146,8 @@ def test_native_mae_to_transformers(native_mae, images, convert, diff, reimport_
     noise = np.random.default_rng(6).uniform(size=(2, 16)).astype(np.float32)
     with torch.no_grad():
         want = ref(pixel_values=_nchw(x), noise=torch.from_numpy(noise))
-    pred, out = jax.jit(native_mae["model"].apply)(native_mae["variables"], x, noise)
+    out = jax.jit(native_mae["model"].apply)(native_mae["variables"], x, noise)
+    pred = out["pred"]
     np.testing.assert_array_equal(np.asarray(out["mask"]), want.mask.numpy())
     assert diff(pred, want.logits, "mmjax-trained MAE -> transformers ViTMAE reconstruction") <= 1e-4
     reimport_equals("hf", tmp / "hf", native_mae["variables"])
@@ -214,12 +216,12 @@ def test_beit_hf_export_matches_mmjax(beit_hf, images, diff):
         masked = np.random.default_rng(10).uniform(size=(2, 16)) < 0.4
         with torch.no_grad():
             want = ref(pixel_values=_nchw(x), bool_masked_pos=torch.from_numpy(masked)).logits.numpy()
-        got = jax.jit(model.apply)(variables, x, masked)
+        got = jax.jit(model.apply)(variables, x, masked)["logits"]
         label = f"mmjax BEiT -> transformers BeitForMaskedImageModeling ({masked.sum()} masked) logits"
     else:
         with torch.no_grad():
             want = ref(pixel_values=_nchw(x)).logits.numpy()
-        got = jax.jit(model.apply)(variables, x)
+        got = jax.jit(model.apply)(variables, x)["logits"]
         label = "mmjax BEiT -> transformers BeitForImageClassification logits"
     assert diff(got, want, label) <= 1e-4
 
@@ -266,7 +268,8 @@ def test_timm_avg_pool_fc_norm_vit_imports(tmp_path, randomize, images, convert,
     x = images(2, seed=12)
     with torch.no_grad():
         want = ref(_nchw(x)).numpy()
-    assert diff(jax.jit(model.apply)(variables, x), want, "timm vit_tiny_patch16_224 global_pool=avg logits") <= 1e-4
+    got = jax.jit(model.apply)(variables, x)["logits"]
+    assert diff(got, want, "timm vit_tiny_patch16_224 global_pool=avg logits") <= 1e-4
     with pytest.raises(SystemExit):
         convert("--to", "timm", "--input", tmp_path / "mm", "--output", tmp_path / "back.safetensors")
     assert "pool='gap' (needs 'cls')" in capsys.readouterr().err

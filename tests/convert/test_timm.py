@@ -36,7 +36,7 @@ def base(tmp_path_factory, randomize, images, convert):
     save_file(state, str(tmp / "model.safetensors"))
     convert("--source", "timm", "--model", NAME, "--checkpoint", tmp / "model.safetensors", "--output", tmp / "mm")
     model, variables = mmjax.load(str(tmp / "mm"))
-    got = np.asarray(jax.jit(model.apply)(variables, x))
+    got = np.asarray(jax.jit(model.apply)(variables, x)["logits"])
     return {"tmp": tmp, "state": state, "pos_embed": ref.pos_embed.detach(), "x": x, "want": want, "got": got,
             "variables": variables}
 
@@ -70,7 +70,7 @@ def test_image_size_resamples_posemb_like_timm(base):
     print(f"posemb 224->384: mmjax vs timm resample_abs_pos_embed max abs diff {d:.3g}")
     assert d <= 1e-5
     shapes = jax.eval_shape(model.apply, variables, jax.ShapeDtypeStruct((1, 384, 384, 3), np.float32))
-    assert shapes.shape == (1, 1000)
+    assert shapes["logits"].shape == (1, 1000)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,8 @@ def test_other_image_size_end_to_end(tiny, images, diff):
     with torch.no_grad():
         want = at160(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
     model, variables = mmjax.load(str(tiny["tmp"] / "mm"), image_size=160, scan=True)
-    assert diff(jax.jit(model.apply)(variables, x), want, "timm vit_tiny at 160px vs mmjax image_size=160") <= 1e-4
+    got = jax.jit(model.apply)(variables, x)["logits"]
+    assert diff(got, want, "timm vit_tiny at 160px vs mmjax image_size=160") <= 1e-4
 
 
 def test_scanned_layouts_load_both_ways(tiny, images, convert, diff):
@@ -108,7 +109,7 @@ def test_scanned_layouts_load_both_ways(tiny, images, convert, diff):
     model, scanned = mmjax.load(str(tmp / "mm"), scan=True)
     assert model.scan
     assert scanned["params"]["encoder"]["layers"]["attn"]["query"]["kernel"].shape == (12, 192, 3, 64)
-    assert diff(jax.jit(model.apply)(scanned, x), want, "timm vit_tiny vs mmjax scan=True") <= 1e-4
+    assert diff(jax.jit(model.apply)(scanned, x)["logits"], want, "timm vit_tiny vs mmjax scan=True") <= 1e-4
     convert("--source", "timm", "--model", "vit_tiny_patch16_224", "--checkpoint", tmp / "ti.safetensors",
             "--output", tmp / "mm_scan", "--scan")
     with open(tmp / "mm_scan" / "model_config.json") as f:
@@ -301,7 +302,8 @@ def test_pooling_is_read_not_guessed(case, tmp_path, randomize, images, convert,
     x = images(2, seed=22)
     with torch.no_grad():
         want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
-    got = np.asarray(jax.jit(model.apply)(variables, x))
+    out = jax.jit(model.apply)(variables, x)
+    got = np.asarray(out["logits"] if "logits" in out else out["tokens"])   # global_pool="": the tokens
     assert got.shape == want.shape
     assert diff(got, want, f"timm {TI} {case} vs mmjax") <= 1e-4
 

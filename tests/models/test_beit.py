@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from mmjax import layers
 from mmjax.data import masking
 from mmjax.losses import masked_modeling
-from mmjax.models import beit, layers, transformer
+from mmjax.models import beit
 
 # ---------------------------------------------------------------------------------------------
 # Copying reference weights (what the conversion tables will do).
@@ -164,12 +165,15 @@ def test_heads_masking_and_errors():
     assert shapes["rel_pos_bias"]["table"].shape == (7 * 7 + 3, 2)
     assert "bias" not in shapes["encoder"]["layer_0"]["attn"]["key"]          # BEiT: no key bias
     assert "bias" in shapes["encoder"]["layer_0"]["attn"]["query"]
-    assert jax.eval_shape(mim.apply, {"params": shapes}, images, masked).shape == (2, 16, 10)
+    mim_out = jax.eval_shape(mim.apply, {"params": shapes}, images, masked)
+    assert set(mim_out) == {"tokens", "logits"} and mim_out["logits"].shape == (2, 16, 10)
+    assert mim_out["tokens"].shape == (2, 17, 32)
     cls = beit.BEiT(**small, num_classes=5, rel_pos="layer")
     shapes = nn.meta.unbox(jax.eval_shape(cls.init, jax.random.key(0), images)["params"])
     assert "mask_token" not in shapes and "rel_pos_bias" not in shapes
     assert shapes["encoder"]["layer_0"]["rel_pos_bias"]["table"].shape == (52, 2)
-    assert jax.eval_shape(cls.apply, {"params": shapes}, images).shape == (2, 5)
+    cls_out = jax.eval_shape(cls.apply, {"params": shapes}, images)
+    assert set(cls_out) == {"tokens", "pooled", "logits"} and cls_out["logits"].shape == (2, 5)
     with pytest.raises(ValueError, match="needs a mask token"):
         jax.eval_shape(cls.init, jax.random.key(0), images, masked)
     with pytest.raises(ValueError, match="bool_masked_pos must be shaped"):
@@ -198,7 +202,7 @@ def test_mim_parity_with_transformers_beit_base():
     model = beit.BEiT(variant="B/16", vocab_size=8192, ln_eps=config.layer_norm_eps)
     params = hf_beit_to_mmjax(ref)
     _check_tree(model, params, jnp.zeros((1, 224, 224, 3)), jnp.zeros((1, 196), bool))
-    logits = jax.jit(model.apply)({"params": params}, jnp.asarray(images), jnp.asarray(mask))
+    logits = jax.jit(model.apply)({"params": params}, jnp.asarray(images), jnp.asarray(mask))["logits"]
     loss, _ = masked_modeling.mim_tokens(logits, jnp.asarray(labels), jnp.asarray(mask))
     diff = np.abs(np.asarray(logits) - out.logits.numpy()).max()
     print(f"\nBEiT-B/16 MIM vs transformers BeitForMaskedImageModeling ({int(mask.sum())} masked): logits "
@@ -217,7 +221,7 @@ def test_classification_parity_with_timm_beit_base_scanned():
     params = stack_layers(timm_beit_to_mmjax(ref))
     del ref
     _check_tree(model, params, jnp.zeros((1, 224, 224, 3)))
-    logits = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(images)))
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(images))["logits"])
     diff = np.abs(logits - expected).max()
     print(f"\nBEiT-B/16 classifier (scanned, per-layer rel-pos) vs timm beit_base_patch16_224: "
           f"logits max-abs-diff {diff:.2e} (logit std {expected.std():.2f})")
@@ -239,7 +243,7 @@ def test_classification_parity_with_transformers_small():
     params = hf_beit_to_mmjax(ref)
     params["posemb"] = {"pos_embedding": _t(ref.state_dict()["beit.embeddings.position_embeddings"])}
     _check_tree(model, params, jnp.zeros((1, 32, 32, 3)))
-    logits = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(images)))
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(images))["logits"])
     diff = np.abs(logits - expected).max()
     print(f"\nBEiT (small) classifier vs transformers BeitForImageClassification: max-abs-diff {diff:.2e}")
     assert diff < 1e-4
@@ -275,7 +279,7 @@ def test_rescale_init_follows_beit_rule_and_timm(monkeypatch, scan):
     timm_factors = _timm_rescale_factors(monkeypatch, depth)
 
     def init_both(rng):
-        encoders = (transformer.Encoder(depth=depth, num_heads=2, mlp_dim=32, scan=scan, rescale_init=r)
+        encoders = (layers.Stack(layers.BlockConfig(num_heads=2, mlp_dim=32), depth=depth, scan=scan, rescale_init=r)
                     for r in (True, False))
         return [encoder.init(rng, jnp.zeros((1, 5, 16)))["params"] for encoder in encoders]
 
@@ -302,7 +306,7 @@ def test_rescale_init_follows_beit_rule_and_timm(monkeypatch, scan):
     flat_on, flat_off = (jax.tree_util.tree_leaves_with_path(p) for p in (on, off))
     changed = [tuple(k.key for k in path) for (path, a), (_, b) in zip(flat_on, flat_off) if not np.array_equal(a, b)]
     assert len(changed) == (2 if scan else 2 * depth), changed
-    assert all(path[-3:] in transformer.RESIDUAL_OUT_KERNELS for path in changed), changed
+    assert all(path[-3:] in layers.RESIDUAL_OUT_KERNELS for path in changed), changed
     out_kernel = boxed["layers" if scan else "layer_0"]["attn"]["out"]["kernel"]
     assert isinstance(out_kernel, nn.LogicallyPartitioned)
     assert out_kernel.names == (("layers",) if scan else ()) + ("heads", "kv", "embed")
@@ -314,7 +318,7 @@ def test_beit_rescales_its_init_by_default():
     seen = []
 
     def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, transformer.Encoder):
+        if isinstance(context.module, layers.Stack):
             seen.append(context.module.rescale_init)
         return next_fun(*args, **kwargs)
 

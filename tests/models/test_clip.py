@@ -68,8 +68,9 @@ def test_output_shapes(small_clip):
     v = {"params": params}
     assert jax.eval_shape(lambda: model.apply(v, images, method="encode_image")).shape == (3, EMBED)
     assert jax.eval_shape(lambda: model.apply(v, tokens, method="encode_text")).shape == (3, EMBED)
-    zimg, ztxt, scale = jax.eval_shape(lambda: model.apply(v, images, tokens))
-    assert zimg.shape == ztxt.shape == (3, EMBED) and scale.shape == ()
+    out = jax.eval_shape(lambda: model.apply(v, images, tokens))
+    assert set(out) == {"image_embeds", "text_embeds", "logit_scale"}
+    assert out["image_embeds"].shape == out["text_embeds"].shape == (3, EMBED) and out["logit_scale"].shape == ()
     assert params["image_proj"]["kernel"].shape == (64, EMBED)
     assert params["text_proj"]["kernel"].shape == (64, EMBED)
     # A shorter token sequence than the context is fine (position embeddings are sliced).
@@ -78,16 +79,17 @@ def test_output_shapes(small_clip):
 
 def test_call_outputs_are_unit_norm_and_scaled(small_clip):
     _, params, images, tokens, call = small_clip
-    zimg, ztxt, scale = call(params, images, tokens)
+    out = call(params, images, tokens)
+    zimg, ztxt, scale = out["image_embeds"], out["text_embeds"], out["logit_scale"]
     np.testing.assert_allclose(np.linalg.norm(np.asarray(zimg), axis=-1), 1.0, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(ztxt), axis=-1), 1.0, atol=1e-5)
     np.testing.assert_allclose(float(scale), 1 / 0.07, rtol=1e-5)
     assert np.abs(np.asarray(zimg)[0] - np.asarray(zimg)[1]).max() > 1e-3
 
     hot = dict(params, logit_scale=np.float32(np.log(1000.0)))
-    np.testing.assert_allclose(float(call(hot, images, tokens)[2]), 100.0, rtol=1e-5)
+    np.testing.assert_allclose(float(call(hot, images, tokens)["logit_scale"]), 100.0, rtol=1e-5)
     mild = dict(params, logit_scale=np.float32(np.log(50.0)))
-    np.testing.assert_allclose(float(call(mild, images, tokens)[2]), 50.0, rtol=1e-5)
+    np.testing.assert_allclose(float(call(mild, images, tokens)["logit_scale"]), 50.0, rtol=1e-5)
 
 
 # Towers with no blocks: enough to check the temperature/bias parameters, and cheap to init.
@@ -105,7 +107,8 @@ def _init_and_call(model, images, tokens):
 
 
 def test_logit_scale_init():
-    params, (zimg, ztxt, scale) = _init_and_call(clip.CLIP(**TINY), _images(2), _tokens(2))
+    params, out = _init_and_call(clip.CLIP(**TINY), _images(2), _tokens(2))
+    zimg, scale = out["image_embeds"], out["logit_scale"]
     np.testing.assert_allclose(float(params["logit_scale"]), np.log(1 / 0.07), rtol=1e-6)
     np.testing.assert_allclose(float(scale), 1 / 0.07, rtol=1e-5)
     assert "logit_bias" not in params
@@ -116,8 +119,8 @@ def test_siglip_variant_returns_bias():
     model = clip.CLIP(**TINY, logit_scale_init=np.log(10.0), logit_bias_init=-10.0)
     params, out = _init_and_call(model, _images(2), _tokens(2))
     np.testing.assert_allclose(float(params["logit_bias"]), -10.0)
-    assert len(out) == 4
-    zimg, ztxt, scale, bias = out
+    assert set(out) == {"image_embeds", "text_embeds", "logit_scale", "logit_bias"}
+    ztxt, scale, bias = out["text_embeds"], out["logit_scale"], out["logit_bias"]
     np.testing.assert_allclose(float(scale), 10.0, rtol=1e-5)
     np.testing.assert_allclose(float(bias), -10.0)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(ztxt), axis=-1), 1.0, atol=1e-5)
@@ -139,8 +142,8 @@ def text_tower():
     tokens = _tokens(4, seed=3, lengths=[3, 7, 12, 16])
     params = _random_params(tower, tokens, seed=4)
     params.pop("logit_scale")
-    run = jax.jit(lambda p, t: (tower.apply({"params": p}, t),
-                                text.TextTransformer(**TEXT_CFG, pool="none").apply({"params": p}, t)))
+    run = jax.jit(lambda p, t: (tower.apply({"params": p}, t)["pooled"],
+                                text.TextTransformer(**TEXT_CFG, pool="none").apply({"params": p}, t)["tokens"]))
     return params, tokens, run
 
 

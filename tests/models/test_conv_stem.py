@@ -37,7 +37,7 @@ def test_vit_with_conv_stem_classifies():
     images = jnp.zeros((2, 32, 32, 3))
     variables = model.init(jax.random.key(0), images)
     assert "stem" in variables["params"] and "embedding" not in variables["params"]
-    assert model.apply(variables, images).shape == (2, 5)
+    assert model.apply(variables, images)["logits"].shape == (2, 5)
 
 
 def test_patch_not_divisible_by_stem_reduction_is_an_error():

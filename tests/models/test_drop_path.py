@@ -1,4 +1,4 @@
-"""Stochastic depth (drop path) in mmjax.models.transformer: timm's rate rule, per-example
+"""Stochastic depth (drop path) in mmjax.layers.stack: timm's rate rule, per-example
 dropping with 1/(1-p) scaling, identity when deterministic, scanned == unrolled, remat, and the
 `drop_path` field of ViT / BEiT / MAE."""
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from mmjax import layers
 from mmjax.convert import engine
-from mmjax.models import beit, mae, transformer, vit
+from mmjax.models import beit, mae, vit
 
 TINY = dict(num_heads=2, mlp_dim=32)
 
@@ -22,7 +23,7 @@ def test_rates_match_timm(depth, rate):
                             drop_path_rate=rate)
     expected = [getattr(b.drop_path1, "drop_prob", 0.0) for b in ref.blocks]   # Identity at rate 0
     assert [getattr(b.drop_path2, "drop_prob", 0.0) for b in ref.blocks] == expected
-    got = transformer.drop_path_rates(rate, depth)
+    got = layers.drop_path_rates(rate, depth)
     diff = np.abs(got - np.asarray(expected)).max()
     print(f"\ndrop-path rates vs timm (depth {depth}, rate {rate}): max-abs-diff {diff:.1e}")
     assert diff < 1e-7
@@ -31,13 +32,13 @@ def test_rates_match_timm(depth, rate):
 @pytest.mark.parametrize("bad", [-0.1, 1.0])
 def test_bad_rate_raises(bad):
     with pytest.raises(ValueError, match="drop_path"):
-        transformer.drop_path_rates(bad, 4)
+        layers.drop_path_rates(bad, 4)
 
 
 def test_drop_branch_keep_fraction_and_scale():
     n, rate = 40_000, 0.3
     y = jnp.ones((n, 3, 4))
-    out = np.asarray(transformer.drop_branch(jax.random.key(0), y, jnp.float32(rate)))
+    out = np.asarray(layers.drop_branch(jax.random.key(0), y, jnp.float32(rate)))
     per_example = out.reshape(n, -1)
     assert (per_example == per_example[:, :1]).all(), "one draw per example, not per element"
     kept = per_example[:, 0] != 0
@@ -47,11 +48,11 @@ def test_drop_branch_keep_fraction_and_scale():
     assert abs(kept.mean() - (1 - rate)) < 5 * sigma
     assert abs(out.mean() - 1.0) < 5 * sigma / (1 - rate)
     # Rate 0 (the first layer of a scanned stack) keeps every example unscaled.
-    np.testing.assert_array_equal(transformer.drop_branch(jax.random.key(1), y, jnp.float32(0.0)), y)
+    np.testing.assert_array_equal(layers.drop_branch(jax.random.key(1), y, jnp.float32(0.0)), y)
 
 
 def _encoder(**kw):
-    return transformer.Encoder(depth=3, **TINY, **kw)
+    return layers.Stack(layers.BlockConfig(**TINY), depth=3, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_per_layer_drop_fraction(unrolled):
                                              rngs={"dropout": jax.random.key(3)}, mutable=["intermediates"])
     encoded = [x] + [state["intermediates"][f"encoded_{i}"][0] for i in range(3)]
     n = x.shape[0]
-    for i, rate in enumerate(transformer.drop_path_rates(0.8, 3)):
+    for i, rate in enumerate(layers.drop_path_rates(0.8, 3)):
         skipped = np.all(np.asarray(encoded[i + 1]) == np.asarray(encoded[i]), axis=(1, 2)).mean()
         sigma = max(np.sqrt(rate**2 * (1 - rate**2) / n), 1e-9)
         print(f"\nlayer {i}: rate {rate:.2f}, both branches dropped for {skipped:.3f} (expected {rate**2:.3f})")
@@ -122,7 +123,7 @@ def test_model_field_reaches_the_encoder(build):
     seen = {}
 
     def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, transformer.Encoder):
+        if isinstance(context.module, layers.Stack):
             seen[context.module.name] = context.module.drop_path
         return next_fun(*args, **kwargs)
 

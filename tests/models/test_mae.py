@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from mmjax import layers
 from mmjax.losses import masked_modeling
-from mmjax.models import layers, mae, vit
+from mmjax.models import mae, vit
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=4, decoder_width=16,
             decoder_depth=1, decoder_heads=2, decoder_mlp_dim=32)
@@ -58,7 +59,7 @@ def _dense(sd, prefix):
 
 
 def _hf_block(sd, prefix, heads):
-    """One HF ViT/BEiT-style layer → an mmjax EncoderBlock param dict."""
+    """One HF ViT/BEiT-style layer → an mmjax Block param dict."""
     width = sd[prefix + ".attention.q_proj.weight"].shape[1]
     hd = width // heads
     attn = {}
@@ -178,9 +179,10 @@ def test_model_shapes_errors_and_rng_masking(tiny):
     model, params, images, _ = tiny
     with pytest.raises(ValueError, match="'masking' rng"):
         jax.eval_shape(model.init, jax.random.key(0), images)
-    pred, out = jax.jit(model.apply)({"params": params}, images, rngs={"masking": jax.random.key(2)})
-    assert pred.shape == (2, 16, 48) and out["mask"].shape == (2, 16)
-    assert out["latent"].shape == (2, 1 + 4, 32)
+    out = jax.jit(model.apply)({"params": params}, images, rngs={"masking": jax.random.key(2)})
+    assert set(out) == {"pred", "mask", "ids_restore", "tokens"}
+    assert out["pred"].shape == (2, 16, 48) and out["mask"].shape == (2, 16)
+    assert out["tokens"].shape == (2, 1 + 4, 32)
     np.testing.assert_array_equal(np.asarray(out["mask"].sum(1)), 12)
     with pytest.raises(ValueError, match="mask_ratio"):
         jax.eval_shape(mae.MAE(**dict(TINY, mask_ratio=1.0)).init, jax.random.key(0), images, jnp.zeros((2, 16)))
@@ -192,15 +194,15 @@ def test_encoder_is_a_vit_and_scan_matches(tiny):
     feats = jax.jit(functools.partial(model.apply, method="features"))({"params": params}, images)
     enc = vit.ViT(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=4, pool="cls", posemb="sincos2d")
     enc_params = {k: params[k] for k in ("embedding", "cls", "encoder", "norm")}
-    _, state = jax.jit(functools.partial(enc.apply, mutable=["intermediates"]))({"params": enc_params}, images)
-    np.testing.assert_allclose(np.asarray(feats), np.asarray(state["intermediates"]["encoded"][0]), atol=1e-6)
+    tokens = jax.jit(enc.apply)({"params": enc_params}, images)["tokens"]
+    np.testing.assert_allclose(np.asarray(feats), np.asarray(tokens), atol=1e-6)
 
     stacked = dict(params)
     for name in ("encoder", "decoder"):
         blocks = [params[name][f"layer_{i}"] for i in range(len(params[name]))]
         stacked[name] = {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
-    a = jax.jit(model.apply)({"params": params}, images, noise)[0]
-    b = jax.jit(mae.MAE(**TINY, scan=True).apply)({"params": stacked}, images, noise)[0]
+    a = jax.jit(model.apply)({"params": params}, images, noise)["pred"]
+    b = jax.jit(mae.MAE(**TINY, scan=True).apply)({"params": stacked}, images, noise)["pred"]
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
@@ -228,7 +230,8 @@ def test_parity_with_transformers_vitmae_base(hf_mae_base):
                                             jnp.zeros((1, 196)))["params"])
     assert jax.tree.structure(expected) == jax.tree.structure(params)
     assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(params)))
-    pred, out = jax.jit(model.apply)({"params": params}, jnp.asarray(images), jnp.asarray(noise))
+    out = jax.jit(model.apply)({"params": params}, jnp.asarray(images), jnp.asarray(noise))
+    pred = out["pred"]
     for norm_pix in (False, True):
         hf.config.norm_pix_loss = norm_pix
         with torch.no_grad():
@@ -273,7 +276,7 @@ def test_finetune_vit_matches_timm_mae_finetuning_model():
         expected = ref(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
     model = vit.ViT(width=32, depth=2, num_heads=2, mlp_dim=128, patch_size=8, num_classes=5, pool="gap",
                     class_token=True, fc_norm=True)
-    got = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(images)))
+    got = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(images))["logits"])
     diff = np.abs(got - expected).max()
     print(f"\nMAE fine-tuning ViT (cls + gap + fc_norm) vs timm: max-abs-diff {diff:.2e}")
     assert diff < 1e-5

@@ -33,12 +33,14 @@ def test_kept_patches(ratio, kept):
 
 
 def _apply(model, train):
-    """Jitted apply returning (output, encoded tokens); `train` draws from the given rng."""
+    """Jitted apply returning (output dict, encoded image tokens); `train` draws from the given rng."""
     def run(variables, *inputs, rng):
         out, state = model.apply(variables, *inputs, train=train, rngs={"dropout": rng},
                                  mutable=["intermediates"])
-        inter = state["intermediates"]
-        return out, (inter.get("visual", inter))["encoded"][0]
+        if "tokens" in out:         # a ViT
+            return out, out["tokens"]
+        # CLIP: what the image tower's blocks saw (each block sows its output)
+        return out, jax.tree.leaves(state["intermediates"]["visual"]["encoder"])[-1]
     return jax.jit(run)
 
 
@@ -52,10 +54,10 @@ def test_training_drops_patches_and_evaluation_sees_all():
     assert encoded.shape == (4, 1 + 16, 32)
     # Evaluation is the plain model: same outputs as the same parameters without dropping.
     plain, _ = _apply(vit.ViT(**SMALL), False)(variables, IMAGES, rng=jax.random.key(1))
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
+    np.testing.assert_array_equal(np.asarray(out["pooled"]), np.asarray(plain["pooled"]))
     # Different rngs drop different patches.
     b, _ = train(variables, IMAGES, rng=jax.random.key(2))
-    assert not np.allclose(np.asarray(a), np.asarray(b))
+    assert not np.allclose(np.asarray(a["pooled"]), np.asarray(b["pooled"]))
 
 
 def test_clip_image_tower_drops_patches_in_training_only():

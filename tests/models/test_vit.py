@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmjax.models import vit
+from mmjax.models import outputs, vit
 
 SMALL = dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=8)
 IMAGE = (2, 16, 16, 3)
@@ -91,7 +91,7 @@ def small_unscanned():
     model = vit.ViT(**SMALL, num_classes=5, head_zero_init=False)
     images = _images()
     params = _random_params(model, images, seed=1)
-    out = np.asarray(jax.jit(model.apply)({"params": params}, images))
+    out = np.asarray(jax.jit(model.apply)({"params": params}, images)["logits"])
     return model, params, images, out
 
 
@@ -111,7 +111,7 @@ def test_scan_equals_unscanned(small_unscanned):
     assert jax.tree.structure(stacked) == jax.tree.structure(scanned_shapes)
     assert jax.tree.map(np.shape, stacked) == jax.tree.map(lambda x: x.shape, scanned_shapes)
     assert scanned_shapes["encoder"]["layers"]["attn"]["query"]["kernel"].shape == (2, 32, 2, 16)
-    got = np.asarray(jax.jit(scanned.apply)({"params": stacked}, images))
+    got = np.asarray(jax.jit(scanned.apply)({"params": stacked}, images)["logits"])
     np.testing.assert_allclose(got, out, atol=1e-5, rtol=1e-5)
     assert np.abs(out).max() > 0.1      # a non-trivial output
 
@@ -129,7 +129,7 @@ def test_remat_keeps_outputs_and_grads(small_unscanned):
             model = vit.ViT(**common, scan=scan, remat_policy=policy)
 
             def loss(q, model=model, scan=scan):
-                logits = model.apply({"params": _stack_layers(q, depth) if scan else q}, images)
+                logits = model.apply({"params": _stack_layers(q, depth) if scan else q}, images)["logits"]
                 return jnp.sum(jnp.sin(logits)), logits
             results.append(jax.value_and_grad(loss, has_aux=True)(p))
         return results
@@ -162,11 +162,12 @@ def test_pool_shapes(pool):
     variables = _shapes(model, images)
     out = jax.eval_shape(model.apply, variables, images)
     tokens = (16 // 8) ** 2
+    assert out["tokens"].shape == (2, tokens + (pool == "cls"), 32)   # no [CLS] without cls pooling
     if pool == "none":
-        assert out.shape == (2, tokens, 32)          # no [CLS] token without cls pooling
+        assert set(out) == {"tokens"}
     else:
-        assert out.shape == (2, 32)
-    assert out.dtype == jnp.float32
+        assert set(out) == {"tokens", "pooled"} and out["pooled"].shape == (2, 32)
+    assert all(x.dtype == jnp.float32 for x in out.values())
     assert ("cls" in variables["params"]) == (pool == "cls")
     assert ("map" in variables["params"]) == (pool == "map")
     posemb_len = variables["params"]["posemb"]["pos_embedding"].shape[1]
@@ -175,7 +176,7 @@ def test_pool_shapes(pool):
         classifier = vit.ViT(**SMALL, pool=pool, num_classes=7, representation_size=16)
         cvars = _shapes(classifier, images)
         assert cvars["params"]["pre_logits"]["kernel"].shape == (32, 16)
-        assert jax.eval_shape(classifier.apply, cvars, images).shape == (2, 7)
+        assert jax.eval_shape(classifier.apply, cvars, images)["logits"].shape == (2, 7)
     with pytest.raises(ValueError, match="pool"):
         jax.eval_shape(vit.ViT(**SMALL, pool="max").init, jax.random.key(0), jnp.asarray(images))
 
@@ -185,7 +186,7 @@ def test_map_pool_runs(small_unscanned):
     _, _, images, _ = small_unscanned
     model = vit.ViT(**SMALL, pool="map")
     params = _random_params(model, images, seed=5)
-    out = np.asarray(jax.jit(model.apply)({"params": params}, images))
+    out = np.asarray(jax.jit(model.apply)({"params": params}, images)["pooled"])
     assert out.shape == (2, 32) and np.isfinite(out).all()
     assert np.abs(out[0] - out[1]).max() > 1e-3
 
@@ -195,18 +196,22 @@ def test_gap_pool_is_mean_of_tokens(small_unscanned):
     _, params, images, _ = small_unscanned
     params = {k: v for k, v in params.items() if k not in ("cls", "head")}
     params["posemb"] = {"pos_embedding": params["posemb"]["pos_embedding"][:, 1:]}   # no [CLS]
-    tokens, pooled = jax.jit(lambda p: (vit.ViT(**SMALL, pool="none").apply({"params": p}, images),
-                                        vit.ViT(**SMALL, pool="gap").apply({"params": p}, images)))(params)
+    tokens, pooled = jax.jit(lambda p: (vit.ViT(**SMALL, pool="none").apply({"params": p}, images)["tokens"],
+                                        vit.ViT(**SMALL, pool="gap").apply({"params": p}, images)["pooled"]))(params)
     np.testing.assert_allclose(np.asarray(pooled), np.asarray(tokens).mean(axis=1), atol=1e-6)
 
 
-def test_intermediates_are_sown(small_unscanned):
+def test_outputs_and_per_block_intermediates(small_unscanned):
+    """The dict holds the normed tokens, the pre-logits ([CLS] of the tokens) and the logits
+    (pre-logits through the head); each block's output is sown into `intermediates`."""
     model, params, images, out = small_unscanned
-    logits, state = jax.jit(lambda p: model.apply({"params": p}, images, mutable=["intermediates"]))(params)
-    np.testing.assert_allclose(np.asarray(logits), out, atol=1e-5)
+    got, state = jax.jit(lambda p: model.apply({"params": p}, images, mutable=["intermediates"]))(params)
+    assert set(got) == {"tokens", "pooled", "logits"}
+    outputs.check(got)
+    np.testing.assert_allclose(np.asarray(got["logits"]), out, atol=1e-5)
     inter = state["intermediates"]
-    pre_logits = np.asarray(inter["pre_logits"][0])
-    np.testing.assert_allclose(pre_logits, np.asarray(inter["encoded"][0])[:, 0], atol=1e-6)
+    pre_logits = np.asarray(got["pooled"])
+    np.testing.assert_allclose(pre_logits, np.asarray(got["tokens"])[:, 0], atol=1e-6)
     head = params["head"]
     np.testing.assert_allclose(pre_logits @ np.asarray(head["kernel"]) + np.asarray(head["bias"]),
                                out, atol=1e-4)
@@ -219,7 +224,7 @@ def test_intermediates_are_sown(small_unscanned):
 def test_head_zero_init_and_bias():
     images = _images()
     model = vit.ViT(**dict(SMALL, depth=0), num_classes=4, head_bias_init=-2.0)
-    logits = jax.jit(lambda x: model.apply(model.init(jax.random.key(0, impl="rbg"), x), x))(images)
+    logits = jax.jit(lambda x: model.apply(model.init(jax.random.key(0, impl="rbg"), x), x)["logits"])(images)
     np.testing.assert_allclose(np.asarray(logits), -2.0)
 
 
@@ -231,7 +236,7 @@ def test_sincos2d_posemb_is_fixed_and_added_to_patches():
                     posemb="sincos2d", pool="none")
     params = _random_params(model, images, seed=4)
     assert "posemb" not in params and "cls" not in params
-    got = np.asarray(model.apply({"params": params}, images))
+    got = np.asarray(model.apply({"params": params}, images)["tokens"])
 
     x = images.astype(np.float64).reshape(2, h, patch, w, patch, 3).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(2, h * w, patch * patch * 3)
@@ -292,7 +297,7 @@ def test_in_channels_and_missing_arch():
 def test_bfloat16_compute_close_to_float32(small_unscanned):
     _, params, images, out = small_unscanned
     model = vit.ViT(**SMALL, num_classes=5, head_zero_init=False, dtype=jnp.bfloat16)
-    got = jax.jit(model.apply)({"params": params}, images)
+    got = jax.jit(model.apply)({"params": params}, images)["logits"]
     assert got.dtype == jnp.float32
     diff = float(np.abs(np.asarray(got) - out).max())
     scale = float(np.abs(out).max())
@@ -332,7 +337,7 @@ def test_architecture_parity_with_timm_vit_tiny():
 
     model = vit.ViT(variant="Ti/16", num_classes=1000, ln_eps=1e-6, head_zero_init=False)
     params = _timm_to_mmjax(ref.state_dict(), model, np.zeros((1, 224, 224, 3), np.float32))
-    got = np.asarray(jax.jit(model.apply)({"params": params}, images.transpose(0, 2, 3, 1)))
+    got = np.asarray(jax.jit(model.apply)({"params": params}, images.transpose(0, 2, 3, 1))["logits"])
     diff = float(np.abs(got - want).max())
     print(f"timm vit_tiny_patch16_224 vs mmjax ViT-Ti/16 logits: max abs diff {diff:.3g} "
           f"(max |logit| {np.abs(want).max():.3g})")

@@ -10,8 +10,8 @@ from PIL import Image
 
 from mmjax import configs, sharding, tasks
 from mmjax.data import pipeline, shapes, sources
-from mmjax.evaluate import zeroshot
-from mmjax.tasks import base
+from mmjax.evaluate import split, zeroshot
+from mmjax.evaluate.drivers import zeroshot as zeroshot_driver
 
 NUM_TEST = 48
 
@@ -57,17 +57,18 @@ def test_zeroshot_over_a_folder_equals_tfds_and_a_hand_count(shapes_test):
     with cfg.unlocked():
         cfg.max_examples, cfg.batch_size, cfg.templates = None, NUM_TEST, cfg.templates[:2]
         cfg.data = data
-        via_tfds = task._zeroshot(params, mesh, cfg)
+        via_tfds = zeroshot_driver.run(task, params, mesh, cfg, "zeroshot")
         cfg.data = {"name": "folder", "image_dir": named}
-        via_folder = task._zeroshot(params, mesh, cfg)
+        via_folder = zeroshot_driver.run(task, params, mesh, cfg, "zeroshot")
     # By hand: the nearest class name of each image against the folder name it sits in.
     source = sources.get_source(cfg.data)
     names = [c.replace("_", " ") for c in source.classes]
     assert names != shapes.CLASS_NAMES[:len(names)]        # folder order is not TFDS's label order
     batch = next(pipeline.eval_batches(cfg.data, cfg.pp, len(source)))
-    on_mesh = base.put_global({"image": batch["image"]}, mesh)["image"]    # the compiled shape
-    images = np.asarray(base.fetch(task._encode_image({"params": params}, on_mesh)))
-    class_embs = zeroshot.class_embeddings(lambda t: task.encode_texts(params, t), names, list(cfg.templates))
+    on_mesh = split.put_global({"image": batch["image"]}, mesh)["image"]    # the compiled shape
+    images = np.asarray(split.fetch(task.embed_images(params, on_mesh)))
+    class_embs = zeroshot.class_embeddings(lambda t: zeroshot_driver.embed_strings(task, params, t), names,
+                                           list(cfg.templates))
     predicted = np.argmax(zeroshot.normalize(images) @ class_embs.T, axis=1)
     assert len(set(predicted.tolist())) >= 3                # not one class for everything
     hand = float(np.mean(predicted == batch["label"]))

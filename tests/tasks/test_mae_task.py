@@ -31,8 +31,8 @@ def test_loss_is_the_masked_pixel_loss_and_depends_on_the_rng():
     # Same numbers from the pieces: the noise comes from the first half of the split step rng.
     mask_rng, _ = jax.random.split(jax.random.key(1))
     noise = jax.random.uniform(mask_rng, (2, 16))                  # 8-px patches of 32-px images
-    pred, out = task.model.apply({"params": params}, images, noise)
-    expected, _ = masked_modeling.mim_pixels(pred, mae.patchify(images, 8), out["mask"],
+    out = task.model.apply({"params": params}, images, noise)
+    expected, _ = masked_modeling.mim_pixels(out["pred"], mae.patchify(images, 8), out["mask"],
                                              norm_pix=task.norm_pix)
     assert abs(float(loss) - float(expected)) < 1e-6
 

@@ -11,6 +11,9 @@ tokenizer says which id that is.
 * :class:`HFTokenizer`: any Hugging Face ``tokenizer.json`` via ``tokenizers``.
 * :class:`WordTokenizer`: a tiny closed-vocabulary word tokenizer for the
   embedded synthetic data set.
+* :class:`WordPieceTokenizer`: BERT's WordPiece from a ``vocab.txt`` or
+  ``tokenizer.json``, id-for-id as transformers' ``BertTokenizerFast``; a small
+  vocabulary for the shapes data ships with the package.
 
 Nothing here touches the network: vocabularies are read from local files.
 """
@@ -23,10 +26,12 @@ from typing import Any
 from mmjax.data.tokenizers.base import Tokenizer
 from mmjax.data.tokenizers.clip_bpe import ClipTokenizer, default_clip_vocab_path
 from mmjax.data.tokenizers.hf import HFTokenizer
+from mmjax.data.tokenizers.shapes_vocab import default_shapes_vocab_path
+from mmjax.data.tokenizers.wordpiece import WordPieceTokenizer
 from mmjax.data.tokenizers.words import WordTokenizer
 
-__all__ = ["ClipTokenizer", "HFTokenizer", "Tokenizer", "WordTokenizer", "build_tokenizer",
-           "default_clip_vocab_path"]
+__all__ = ["ClipTokenizer", "HFTokenizer", "Tokenizer", "WordPieceTokenizer", "WordTokenizer", "build_tokenizer",
+           "default_clip_vocab_path", "default_shapes_vocab_path"]
 
 
 def _build_clip(spec: Mapping[str, Any]) -> ClipTokenizer:
@@ -48,11 +53,27 @@ def _build_shapes(spec: Mapping[str, Any]) -> WordTokenizer:
     return WordTokenizer(shapes.VOCAB, context_length=spec.get("context_length", 16))
 
 
+_WORDPIECE_OPTIONS = {"lowercase", "strip_accents", "tokenize_chinese_chars", "split_special_tokens", "truncate"}
+
+
+def _build_wordpiece(spec: Mapping[str, Any]) -> WordPieceTokenizer:
+    if "path" not in spec:
+        raise ValueError(f"tokenizer spec 'wordpiece' needs 'path' (a vocab.txt or tokenizer.json), got {dict(spec)}")
+    options = {k: spec[k] for k in _WORDPIECE_OPTIONS if k in spec}
+    return WordPieceTokenizer(spec["path"], spec.get("context_length", 512), **options)
+
+
+def _build_shapes_wordpiece(spec: Mapping[str, Any]) -> WordPieceTokenizer:
+    return WordPieceTokenizer(default_shapes_vocab_path(), spec.get("context_length", 32))
+
+
 # name -> (builder, keys the spec may hold besides "name")
 _BUILDERS = {
     "clip": (_build_clip, {"vocab_path", "context_length"}),
     "hf": (_build_hf, {"path", "context_length", "pad_token_id", "clean"}),
     "shapes": (_build_shapes, {"context_length"}),
+    "wordpiece": (_build_wordpiece, {"path", "context_length", *_WORDPIECE_OPTIONS}),
+    "shapes_wordpiece": (_build_shapes_wordpiece, {"context_length"}),
 }
 
 
@@ -60,8 +81,11 @@ def build_tokenizer(spec: Mapping[str, Any]) -> Tokenizer:
     """Builds a tokenizer from a config dict such as ``{"name": "clip", "context_length": 77}``.
 
     Names: "clip" (vocab_path defaults to open_clip's bundled file),
-    "hf" (path, context_length, optional pad_token_id/clean) and "shapes"
-    (word tokenizer over ``mmjax.data.shapes.VOCAB``). Unknown keys are
+    "hf" (path, context_length, optional pad_token_id/clean), "shapes"
+    (word tokenizer over ``mmjax.data.shapes.VOCAB``), "wordpiece" (path of a
+    vocab.txt / tokenizer.json, context_length 512, the normalization options of
+    :class:`WordPieceTokenizer`) and "shapes_wordpiece" (the shipped shapes
+    vocabulary, context_length 32). Unknown keys are
     rejected so that typos in configs fail loudly.
     """
     if not isinstance(spec, Mapping):

@@ -1,46 +1,24 @@
-"""mmjax.models.layers against independent NumPy / PyTorch / open_clip computations.
+"""mmjax.layers.attention against a float64 NumPy attention that pulls the module's own kernels
+out of its (random) params, and the attention core (late normalisation, hand-written backward)
+against jax.nn.dot_product_attention."""
 
-Attention and Mlp are checked with a float64 NumPy implementation that pulls the module's own
-kernels out of the params (which are first replaced by random values, so zero-initialised
-biases cannot hide bugs). Position-embedding helpers are checked against formulas, against
-open_clip's MAE-style sin-cos table and against torch's bilinear interpolation.
-"""
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from scipy.special import erf
+from layer_helpers import as_float64, random_params
 
-from mmjax.models import layers
+from mmjax import layers
 
 ATOL = 2e-5
 
-
-def _random_params(module, *args, seed: int, scale: float = 0.3):
-    """Random normal params with the module's own tree (traced with eval_shape, never initialised),
-    so zero-initialised biases cannot hide bugs."""
-    shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *args))["params"]
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: (scale * rng.normal(size=x.shape)).astype(np.float32), shapes)
-
-
-def _np(tree):
-    return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
-
-
-# ---------------------------------------------------------------------------------------------
-# Attention
-# ---------------------------------------------------------------------------------------------
 
 def ref_attention(p, xq, xkv, allowed=None):
     """softmax(q k^T / sqrt(d)) v with explicit per-head einsums, float64.
 
     `allowed` is a boolean array broadcastable to (B, heads, Lq, Lk): True = may attend.
     """
-    p = _np(p)
+    p = as_float64(p)
     xq, xkv = np.asarray(xq, np.float64), np.asarray(xkv, np.float64)
     q = np.einsum("bld,dhk->bhlk", xq, p["query"]["kernel"]) + p["query"]["bias"][None, :, None, :]
     k = np.einsum("bld,dhk->bhlk", xkv, p["key"]["kernel"]) + p["key"]["bias"][None, :, None, :]
@@ -61,7 +39,7 @@ def attn_setup():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 7, 32)).astype(np.float32)
     module = layers.Attention(num_heads=4)
-    params = _random_params(module, x, seed=1)
+    params = random_params(module, x, seed=1)
     apply = jax.jit(lambda p, xq, xkv=None, mask=None, causal=False: module.apply(
         {"params": p}, xq, xkv, mask=mask, causal=causal), static_argnames="causal")
     return module, params, x, apply
@@ -89,7 +67,7 @@ def test_cross_attention_matches_numpy():
     xq = rng.normal(size=(3, 5, 32)).astype(np.float32)
     xkv = rng.normal(size=(3, 11, 24)).astype(np.float32)
     module = layers.Attention(num_heads=4)
-    params = _random_params(module, xq, xkv, seed=3)
+    params = random_params(module, xq, xkv, seed=3)
     assert params["key"]["kernel"].shape == (24, 4, 8)
     got = np.asarray(jax.jit(module.apply)({"params": params}, xq, xkv))
     assert got.shape == (3, 5, 32)
@@ -171,111 +149,6 @@ def test_attention_bad_config():
         layers.Attention(num_heads=2, attention_impl="flash").init(jax.random.key(0), x)
 
 
-# ---------------------------------------------------------------------------------------------
-# Mlp
-# ---------------------------------------------------------------------------------------------
-
-def test_mlp_matches_numpy_exact_gelu():
-    rng = np.random.default_rng(7)
-    x = rng.normal(size=(2, 5, 16)).astype(np.float32)
-    module = layers.Mlp(mlp_dim=48)
-    params = _random_params(module, x, seed=8)
-    got = np.asarray(module.apply({"params": params}, x))
-    p = _np(params)
-    h = x.astype(np.float64) @ p["fc1"]["kernel"] + p["fc1"]["bias"]
-    h = 0.5 * h * (1.0 + erf(h / np.sqrt(2.0)))
-    want = h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
-    np.testing.assert_allclose(got, want, atol=ATOL, rtol=1e-5)
-    # The tanh approximation is measurably different at these magnitudes: "gelu" is exact.
-    approx = layers.Mlp(mlp_dim=48, act="gelu_tanh").apply({"params": params}, x)
-    assert np.abs(np.asarray(approx) - want).max() > 1e-5
-
-    with pytest.raises(ValueError, match="Unknown activation"):
-        layers.activation("gelu2")
-
-
-# ---------------------------------------------------------------------------------------------
-# sincos_2d
-# ---------------------------------------------------------------------------------------------
-
-def test_sincos_2d_formula_at_known_positions():
-    h, w, width = 3, 5, 16
-    pe = layers.sincos_2d((h, w), width)
-    assert pe.shape == (1, h * w, width)
-    quarter = width // 4
-    omega = 1.0 / 10_000.0 ** (np.arange(quarter) / quarter)
-    # Position 0 is (row 0, col 0): sin(0)=0 and cos(0)=1 in each quarter.
-    np.testing.assert_allclose(pe[0, 0], np.tile(np.r_[np.zeros(quarter), np.ones(quarter)], 2),
-                               atol=1e-7)
-    for row, col in [(0, 1), (1, 0), (2, 4), (1, 3)]:
-        want = np.concatenate([np.sin(col * omega), np.cos(col * omega),
-                               np.sin(row * omega), np.cos(row * omega)])
-        np.testing.assert_allclose(pe[0, row * w + col], want, atol=1e-6)
-    # Unique rows; bounded values.
-    assert len(np.unique(np.round(pe[0], 5), axis=0)) == h * w
-    assert np.abs(pe).max() <= 1.0
-    with pytest.raises(ValueError, match="divisible by 4"):
-        layers.sincos_2d((2, 2), 6)
-
-
-def test_sincos_2d_matches_open_clip_mae_table():
-    """open_clip ships MAE's get_2d_sincos_pos_embed; for a square grid the tables agree."""
-    from open_clip.pos_embed import get_2d_sincos_pos_embed
-    for grid, width in [(4, 32), (7, 64)]:
-        ref = get_2d_sincos_pos_embed(width, grid)
-        np.testing.assert_allclose(layers.sincos_2d((grid, grid), width)[0], ref, atol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# resample_posemb
-# ---------------------------------------------------------------------------------------------
-
-def test_resample_posemb_identity_and_prefix():
-    rng = np.random.default_rng(9)
-    posemb = jnp.asarray(rng.normal(size=(1, 1 + 16, 8)).astype(np.float32))
-    same = layers.resample_posemb(posemb, (4, 4), num_prefix=1)
-    np.testing.assert_allclose(np.asarray(same), np.asarray(posemb), atol=1e-6)
-
-    bigger = layers.resample_posemb(posemb, (6, 6), num_prefix=1)
-    assert bigger.shape == (1, 1 + 36, 8) and bigger.dtype == posemb.dtype
-    np.testing.assert_array_equal(np.asarray(bigger[:, :1]), np.asarray(posemb[:, :1]))
-
-    rect = layers.resample_posemb(posemb[:, 1:], (2, 6), num_prefix=0)
-    assert rect.shape == (1, 12, 8)
-    # A constant grid stays constant under interpolation.
-    const = jnp.ones((1, 9, 4)) * 3.0
-    np.testing.assert_allclose(np.asarray(layers.resample_posemb(const, (5, 7))), 3.0, atol=1e-6)
-    with pytest.raises(ValueError, match="square grid"):
-        layers.resample_posemb(posemb, (4, 4), num_prefix=0)   # 17 grid tokens: not square
-
-
-def test_resample_posemb_upsample_matches_torch_bilinear():
-    rng = np.random.default_rng(10)
-    old, new, width, prefix = 7, (12, 10), 16, 1
-    posemb = rng.normal(size=(1, prefix + old * old, width)).astype(np.float32)
-    got = np.asarray(layers.resample_posemb(jnp.asarray(posemb), new, num_prefix=prefix))
-
-    grid = torch.from_numpy(posemb[0, prefix:]).reshape(old, old, width).permute(2, 0, 1)[None]
-    ref = torch.nn.functional.interpolate(grid, size=new, mode="bilinear", align_corners=False,
-                                          antialias=False)
-    ref = ref[0].permute(1, 2, 0).reshape(1, new[0] * new[1], width).numpy()
-    diff = np.abs(got[:, prefix:] - ref).max()
-    print(f"resample_posemb vs torch bilinear (7x7 -> 12x10) max abs diff: {diff:.3g}")
-    assert diff <= 1e-5
-    np.testing.assert_array_equal(got[:, :prefix], posemb[:, :prefix])
-
-
-def test_learned_posemb_length_check():
-    module = layers.LearnedPosEmb()
-    x = jnp.zeros((2, 5, 8))
-    variables = module.init(jax.random.key(0), x)
-    pe = np.asarray(nn.meta.unbox(variables["params"]["pos_embedding"]))
-    assert pe.shape == (1, 5, 8)
-    out = module.apply(variables, x + 1.0)
-    np.testing.assert_allclose(np.asarray(out), 1.0 + pe.repeat(2, axis=0), atol=1e-7)
-    with pytest.raises(ValueError, match="resample"):
-        module.apply(variables, jnp.zeros((2, 6, 8)))
-
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("case", ["plain", "padding", "empty_row", "causal", "causal_cross", "bias",
@@ -340,29 +213,3 @@ def test_attention_core_under_remat_and_vmap():
     assert grads[3].shape == bias.shape
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-5, rtol=2e-5)
-
-
-@pytest.mark.parametrize("old, new", [(14, 24), (7, 12), (14, 10), (14, 14)])
-def test_relative_position_table_resize_matches_timm(old, new):
-    """BEiT's geometric resampling of a relative position table to another window: the linear
-    variant equals timm's resize_rel_pos_bias_table (what timm does without scipy's interp2d);
-    the default bicubic one reproduces smooth tables closely and keeps the three [CLS] rows."""
-    from timm.layers.pos_embed_rel import resize_rel_pos_bias_table
-
-    rng = np.random.default_rng(old + new)
-    table = rng.normal(size=((2 * old - 1) ** 2 + 3, 4)).astype(np.float32)
-    want = resize_rel_pos_bias_table(torch.from_numpy(table), (new, new), ((2 * new - 1) ** 2 + 3, 4)).numpy()
-    got = layers.resize_relative_position_table(table, (new, new), method="linear")
-    assert got.shape == want.shape and got.dtype == np.float32
-    np.testing.assert_allclose(got, want, atol=1e-5)
-
-    offsets = np.arange(-(old - 1), old)
-    smooth = np.sin(offsets[:, None, None] / 4 + np.arange(4)) * np.cos(offsets[None, :, None] / 6)
-    smooth = np.concatenate([smooth.reshape(-1, 4), table[-3:]]).astype(np.float32)
-    cubic, linear = (layers.resize_relative_position_table(np.stack([smooth, 2 * smooth]), (new, new), method=m)
-                     for m in ("cubic", "linear"))
-    np.testing.assert_allclose(cubic[1], 2 * cubic[0], atol=1e-5)       # leading (layer) axes
-    np.testing.assert_allclose(cubic[0], linear[0], atol=2e-2)
-    np.testing.assert_array_equal(cubic[0, -3:], table[-3:])
-    with pytest.raises(ValueError, match="relative position table"):
-        layers.resize_relative_position_table(table[:-1], (new, new))

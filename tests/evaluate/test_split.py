@@ -1,4 +1,5 @@
-"""mmjax.tasks.base: an evaluation split that yields no examples is an error, not a 0.0 metric."""
+"""mmjax.evaluate.split: a split runs on the mesh with its padding dropped, and one that yields no
+examples is an error naming the evaluator, not a 0.0 metric."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ from ml_collections import ConfigDict
 from PIL import Image
 
 from mmjax import configs, sharding, tasks
-from mmjax.tasks import base
+from mmjax.evaluate import split
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +28,16 @@ def _eval_cfg(folder, **extra):
 
 def test_run_over_split_yields_the_examples(folder):
     mesh = sharding.make_mesh([("data", -1)])
-    out = list(base.run_over_split(_eval_cfg(folder, max_examples=3), mesh, lambda b: b["label"],
-                                   name="evals.top1"))
+    out = list(split.run_over_split(_eval_cfg(folder, max_examples=3), mesh, lambda b: b["label"],
+                                    name="evals.top1"))
     assert sum(len(labels) for _, labels in out) == 3
 
 
 def test_run_over_split_raises_on_an_empty_split(folder):
     mesh = sharding.make_mesh([("data", -1)])
     with pytest.raises(ValueError, match=r"evals\.top1: .*no examples.*max_examples=0.*image_dir"):
-        list(base.run_over_split(_eval_cfg(folder, max_examples=0), mesh, lambda b: b["label"],
-                                 name="evals.top1"))
+        list(split.run_over_split(_eval_cfg(folder, max_examples=0), mesh, lambda b: b["label"],
+                                  name="evals.top1"))
 
 
 @pytest.mark.parametrize("recipe, evaluator", [
