@@ -183,6 +183,8 @@ class Stack(nn.Module):
         segment boundaries (0, cross_attention_from, depth)."""
         self._check()
         first, stop = (0, self.depth) if layer_range is None else tuple(layer_range)
+        if layer_range is None and self.depth == 0:
+            return x   # a zero-depth stack (a test's embeddings-only model) is the identity
         if not 0 <= first < stop <= self.depth:
             raise ValueError(f"layer_range {layer_range} is not a non-empty range within the {self.depth} layers")
         rates = drop_path_rates(self.drop_path, self.depth)

@@ -149,7 +149,7 @@ class _Linear(nn.Module):
 
     @nn.compact
     def __call__(self, images, *, train=False):
-        return nn.Dense(self.num_classes)(images.reshape(images.shape[0], -1))
+        return {"logits": nn.Dense(self.num_classes)(images.reshape(images.shape[0], -1))}
 
 
 @pytest.mark.parametrize("lam,use_cutmix", [(0.3, False), (0.6, True)])
@@ -176,7 +176,7 @@ def test_task_loss_uses_mixed_soft_targets(monkeypatch, lam, use_cutmix):
         loss, metrics = task.loss(params, batch, rng)
         _, mix_rng = jax.random.split(rng)     # the task's split: (dropout, mixing)
         mixed, soft = mixing.mix_batch(mix_rng, batch["image"], batch["label"], CLASSES, task.mixup, 0.1)
-        logits = task.model.apply({"params": params}, mixed)
+        logits = task.model.apply({"params": params}, mixed)["logits"]
         return loss, metrics["batch_top1"], cls_losses.softmax_xent(logits, soft), \
             (logits.argmax(-1) == soft.argmax(-1)).mean()
 
