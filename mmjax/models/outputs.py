@@ -16,7 +16,8 @@ from collections.abc import Mapping
 
 KEYS: dict[str, str] = {
     "logits": "scores of the model's head: (B, classes) for classifiers (ViT, BEiT fine-tuning), "
-              "(B, N, vocab) per patch for BEiT's masked-token head",
+              "(B, N, vocab) per patch for BEiT's masked-token head, (B, L, vocab) per token for "
+              "MLM / LM heads (BERT, ViLT, BLIP's decoder), (B, answers) for VQA heads",
     "pooled": "(B, D) the pooled vector a head reads: ViT's pre-logits (after `representation_size`), "
               "BEiT's normed mean of patch tokens, the text tower's end-of-text token",
     "tokens": "(B, L, D) the encoder's final token sequence (prefix tokens first): normed, except "
