@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+import torch_weights
 from transformers import BertConfig, BertLMHeadModel
 
 from mmjax import layers
@@ -60,51 +61,20 @@ def reference_model(cross_attention: bool, seed: int = 0) -> BertLMHeadModel:
     return model.eval()
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy().astype(np.float32)
-
-
-def _dense(linear) -> dict:
-    return {"kernel": _np(linear.weight).T, "bias": _np(linear.bias)}
-
-
-def _norm(ln) -> dict:
-    return {"scale": _np(ln.weight), "bias": _np(ln.bias)}
-
-
-def _heads_in(linear) -> dict:
-    w = _np(linear.weight)
-    return {"kernel": w.T.reshape(w.shape[1], HEADS, -1), "bias": _np(linear.bias).reshape(HEADS, -1)}
-
-
-def _attention(a) -> dict:
-    s, out = a.self, a.output.dense
-    w = _np(out.weight)
-    return {"query": _heads_in(s.query), "key": _heads_in(s.key), "value": _heads_in(s.value),
-            "out": {"kernel": w.T.reshape(HEADS, -1, w.shape[0]), "bias": _np(out.bias)}}
-
-
-def _layer(layer) -> dict:
-    out = {"attn": _attention(layer.attention), "ln1": _norm(layer.attention.output.LayerNorm),
-           "mlp": {"fc1": _dense(layer.intermediate.dense), "fc2": _dense(layer.output.dense)},
-           "ln2": _norm(layer.output.LayerNorm)}
-    if hasattr(layer, "crossattention"):
-        out["cross_attn"] = _attention(layer.crossattention)
-        out["ln_cross"] = _norm(layer.crossattention.output.LayerNorm)
-    return out
-
-
 def params_from_reference(model: BertLMHeadModel, scan: bool = False) -> dict:
     """The reference's weights in TinyBertDecoder's tree."""
     e, head = model.bert.embeddings, model.cls.predictions
-    encoder = {f"layer_{i}": _layer(layer) for i, layer in enumerate(model.bert.encoder.layer)}
+    encoder = {f"layer_{i}": torch_weights.bert_layer(layer, HEADS)
+               for i, layer in enumerate(model.bert.encoder.layer)}
     if scan:
         encoder = {"layers": jax.tree.map(lambda *xs: np.stack(xs), *encoder.values())}
-    return {"word": {"embedding": _np(e.word_embeddings.weight)},
-            "position": {"embedding": _np(e.position_embeddings.weight)},
-            "token_type": _np(e.token_type_embeddings.weight)[0], "ln_embed": _norm(e.LayerNorm),
-            "encoder": encoder, "transform": _dense(head.transform.dense), "ln_head": _norm(head.transform.LayerNorm),
-            "head_bias": _np(head.bias)}
+    to_numpy, norm = torch_weights.to_numpy, torch_weights.norm
+    return {"word": {"embedding": to_numpy(e.word_embeddings.weight)},
+            "position": {"embedding": to_numpy(e.position_embeddings.weight)},
+            "token_type": to_numpy(e.token_type_embeddings.weight)[0], "ln_embed": norm(e.LayerNorm),
+            "encoder": encoder, "transform": torch_weights.dense(head.transform.dense),
+            "ln_head": norm(head.transform.LayerNorm),
+            "head_bias": to_numpy(head.bias)}
 
 
 def greedy_without_cache(model: TinyBertDecoder, params, prompt: np.ndarray, steps: int, context=None) -> np.ndarray:

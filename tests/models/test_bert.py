@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sharded_equality
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertLMHeadModel, BertModel
 
@@ -224,8 +225,6 @@ def test_bad_input_gets_clear_errors(call, match):
 def test_sharded_equals_one_device():
     """fsdp_tp on the 8 simulated devices: parameters born sharded (vocab, heads and MLP split
     over `tensor`), the same logits and gradients as on one device."""
-    from mmjax import sharding
-
     model = _small_decoder_model(vocab_size=96, depth=2, scan=True)
     rng = np.random.default_rng(4)
     tokens = rng.integers(0, 96, (4, 7)).astype(np.int32)
@@ -237,17 +236,7 @@ def test_sharded_equals_one_device():
         return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0])
 
     init = lambda key: model.init(key, tokens, valid, context)
-    params = nn.meta.unbox(init(jax.random.key(0)))["params"]
-    want = jax.jit(jax.value_and_grad(loss))(params)
-    mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)], jax.devices())
-    rules = sharding.get_rules("fsdp_tp")
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        variables, _ = sharding.init_sharded(init, mesh, rules, jax.random.key(0))
-        sharded = variables["params"]
-        assert sharded["embeddings"]["word"]["embedding"].sharding.spec[0] == "tensor"
-        got = jax.jit(jax.value_and_grad(loss))(sharded)
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
-    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6), jax.device_get(got[1]), want[1])
+    sharded_equality.assert_fsdp_tp_matches_one_device(init, loss, lambda p: p["embeddings"]["word"]["embedding"])
 
 
 def test_a_layer_range_must_not_cut_a_scanned_segment():

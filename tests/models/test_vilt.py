@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sharded_equality
 import torch
 from transformers import ViltConfig, ViltModel
 
@@ -163,8 +164,6 @@ def test_unknown_head_is_named():
 def test_sharded_equals_one_device():
     """fsdp_tp on the 8 simulated devices: parameters born sharded (the tied MLM head's vocab
     split over `tensor`), the same loss and gradients as on one device (scanned, padded text)."""
-    from mmjax import sharding
-
     model = vilt.ViLT(**TINY, head="mlm", scan=True)
     rng = np.random.default_rng(4)
     tokens, images = rng.integers(0, 50, (4, 5)).astype(np.int32), rng.normal(size=(4, 64, 64, 3)).astype(np.float32)
@@ -175,17 +174,7 @@ def test_sharded_equals_one_device():
         return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0])
 
     init = lambda key: model.init(key, tokens, images, valid)
-    params = nn.meta.unbox(jax.jit(init)(jax.random.key(0)))["params"]
-    want = jax.jit(jax.value_and_grad(loss))(params)
-    mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)], jax.devices())
-    rules = sharding.get_rules("fsdp_tp")
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        variables, _ = sharding.init_sharded(init, mesh, rules, jax.random.key(0))
-        sharded = variables["params"]
-        assert sharded["text_embeddings"]["word"]["embedding"].sharding.spec[0] == "tensor"
-        got = jax.jit(jax.value_and_grad(loss))(sharded)
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
-    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6), jax.device_get(got[1]), want[1])
+    sharded_equality.assert_fsdp_tp_matches_one_device(init, loss, lambda p: p["text_embeddings"]["word"]["embedding"])
 
 
 @pytest.mark.parametrize("head", ["mlm", "vqa"])

@@ -5,41 +5,41 @@ import numpy as np
 import torch
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
+def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy().astype(np.float32)
 
 
 def dense(linear: torch.nn.Linear) -> dict:
     """nn.Linear (out, in) → flax Dense {"kernel": (in, out)[, "bias"]}."""
-    out = {"kernel": _np(linear.weight).T}
+    out = {"kernel": to_numpy(linear.weight).T}
     if linear.bias is not None:
-        out["bias"] = _np(linear.bias)
+        out["bias"] = to_numpy(linear.bias)
     return out
 
 
 def heads_in(linear: torch.nn.Linear, heads: int) -> dict:
     """A q/k/v projection (heads * head_dim, in) → HeadsDense {"kernel": (in, heads, head_dim)}."""
-    w = _np(linear.weight)
+    w = to_numpy(linear.weight)
     out = {"kernel": w.T.reshape(w.shape[1], heads, -1)}
     if linear.bias is not None:
-        out["bias"] = _np(linear.bias).reshape(heads, -1)
+        out["bias"] = to_numpy(linear.bias).reshape(heads, -1)
     return out
 
 
 def heads_out(linear: torch.nn.Linear, heads: int) -> dict:
     """An output projection (out, heads * head_dim) → MergeHeadsDense {"kernel": (heads, head_dim, out)}."""
-    w = _np(linear.weight)
+    w = to_numpy(linear.weight)
     out = {"kernel": w.T.reshape(heads, -1, w.shape[0])}
     if linear.bias is not None:
-        out["bias"] = _np(linear.bias)
+        out["bias"] = to_numpy(linear.bias)
     return out
 
 
 def norm(module: torch.nn.Module) -> dict:
     """LayerNorm (weight, bias) or an RMS norm (weight only) → {"scale"[, "bias"]}."""
-    out = {"scale": _np(module.weight)}
+    out = {"scale": to_numpy(module.weight)}
     if getattr(module, "bias", None) is not None:
-        out["bias"] = _np(module.bias)
+        out["bias"] = to_numpy(module.bias)
     return out
 
 
