@@ -5,6 +5,9 @@ One command (about 10 minutes on 2 cores with the defaults), results as JSON and
 `--allocator` (`--jemalloc` for short) re-runs the process, JAX and PyTorch alike, with a host
 allocator that does not page-fault fresh buffers in on every step (see mmjax/allocator.py).
 `--smoke` runs tiny models in seconds (tests).
+Opt-in sections: `blip` (BLIP-B train step and captions vs transformers, benchmarks/blip_speed.py)
+and `blip_memory` (per-device memory of the ALBEF / BLIP pretraining recipes, benchmarks/fusion_memory.py):
+  python -m benchmarks.cpu --allocator hugepages --sections blip,blip_memory --out benchmarks/results/blip_cpu.json
 """
 
 from __future__ import annotations
@@ -20,16 +23,22 @@ import time
 
 from mmjax import allocator
 
-SECTIONS = ("speed", "flip", "scaling", "memory")
+SECTIONS = ("speed", "flip", "scaling", "memory", "blip", "blip_memory")
+DEFAULT_SECTIONS = SECTIONS[:4]   # blip, blip_memory: BLIP-B vs transformers, fusion recipes' memory (opt-in)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cpu", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/cpu.json",
                    help="results JSON (a .md table is written next to it)")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma-separated subset of {SECTIONS} (default: {DEFAULT_SECTIONS})")
     p.add_argument("--models", default="vit,clip", help="speed-section models: vit (ViT-B/16), clip (CLIP B/16)")
     p.add_argument("--batch", type=int, default=8, help="batch for the speed and FLIP sections")
+    p.add_argument("--blip-batch", type=int, default=4, help="batch of the blip section (train step, captions)")
+    p.add_argument("--memory-recipes", nargs="+", default=None,
+                   help="recipe specs of the blip_memory section (default: benchmarks/fusion_memory.py's RECIPES)")
+    p.add_argument("--memory-batch", type=int, default=64, help="global batch of the blip_memory section")
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed steps after compilation (PyTorch still page-faults in its 2nd step)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
@@ -78,6 +87,15 @@ def main(argv: list[str] | None = None) -> dict:
         results["scaling"] = suites.scaling(args)
     if "memory" in args.sections:
         results["sharding_memory"] = sharding_memory(args.smoke)
+    if "blip" in args.sections:
+        from benchmarks import blip_speed
+        results["blip"] = blip_speed.run(argparse.Namespace(**{**vars(args), "batch": args.blip_batch}))
+        gc.collect()
+    if "blip_memory" in args.sections:
+        extra = ["--batch", str(args.memory_batch)]
+        if args.memory_recipes:
+            extra += ["--recipes", *args.memory_recipes]
+        results["fusion_memory"] = sharding_memory(args.smoke, "benchmarks.fusion_memory", extra)
     results["total_time_s"] = time.perf_counter() - t0
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -91,11 +109,11 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def sharding_memory(smoke: bool) -> list[dict]:
-    """Runs benchmarks.sharding_memory in a child process with 8 host devices."""
+def sharding_memory(smoke: bool, module: str = "benchmarks.sharding_memory", extra: list[str] = ()) -> list[dict]:
+    """Runs `module` (benchmarks.sharding_memory or .fusion_memory) in a child process with 8 host devices."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "memory.json")
-        cmd = [sys.executable, "-m", "benchmarks.sharding_memory", "--out", out] + (["--smoke"] if smoke else [])
+        cmd = [sys.executable, "-m", module, "--out", out, *extra] + (["--smoke"] if smoke else [])
         subprocess.run(cmd, check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
         with open(out) as f:
             return json.load(f)

@@ -101,6 +101,39 @@ def flip_table(results: dict) -> str:
     return markdown_table(header, rows)
 
 
+def blip_train_table(results: dict) -> str:
+    """BLIP-B's train step on both sides, with the losses' agreement and the achieved FLOP/s."""
+    header = ["model", "mmjax ex/s", "mmjax step s", "compile s", "transformers ex/s", "ratio mmjax÷transformers",
+              "analytic GFLOP/step", "XLA ÷ analytic", "TFLOP/s mmjax / transformers", "max loss diff",
+              "XLA peak MiB"]
+    r = results["blip"]["train"]
+    m, t, f = r["mmjax"], r["torch"], r["flops"]
+    return markdown_table(header, [[r["workload"], m["examples_per_sec"], m["step_time_s"], m["compile_s"],
+                                    t["examples_per_sec"], r["ratio"], f["analytic_per_step"] / 1e9, f["agreement"],
+                                    f"{f['mmjax_tflops']:.3g} / {f['torch_tflops']:.3g}", r["max_loss_diff"],
+                                    m["memory"].get("peak_bytes", 0) / 2**20]])
+
+
+def blip_generation_table(results: dict) -> str:
+    header = ["model", "beams", "new tokens", "mmjax tokens/s", "transformers tokens/s", "ratio mmjax÷transformers",
+              "mmjax compile s", "same tokens"]
+    rows = [[r["workload"], r["num_beams"], r["new_tokens"], r["mmjax"]["tokens_per_sec"],
+             r["torch"]["tokens_per_sec"], r["ratio"], r["mmjax"]["compile_s"], r["same_tokens"]]
+            for r in results["blip"]["generation"]]
+    return markdown_table(header, rows)
+
+
+def fusion_memory_table(results: dict) -> str:
+    header = ["recipe", "task", "global batch", "preset", "mesh", "params M", "params+opt MiB/device",
+              "task state MiB/device", "compiled peak MiB/device"]
+    rows = [[r["recipe"], r["task"], r["global_batch"], r["preset"],
+             "×".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1), r["params_millions"],
+             (r["param_bytes_per_device"] + r["optimizer_bytes_per_device"]) / 2**20,
+             r["task_state_bytes_per_device"] / 2**20, r["compiled"].get("peak_bytes", 0) / 2**20]
+            for r in results.get("fusion_memory", [])]
+    return markdown_table(header, rows)
+
+
 def render(results: dict) -> str:
     env = results["environment"]
     parts = [(f"# mmjax benchmark ({env['device_kind']}, {env['cpu']}, {env['cpu_count']} cores, "
@@ -109,7 +142,13 @@ def render(results: dict) -> str:
                 ("speed", "FLOPs: analytic vs XLA cost analysis (unrolled model)", flops_table),
                 ("flip", "FLIP patch dropping (train step)", flip_table),
                 ("scaling", "Scaling of step time with batch and image size", scaling_table),
-                ("sharding_memory", "Memory per device on an 8-device CPU mesh", memory_table)]
+                ("sharding_memory", "Memory per device on an 8-device CPU mesh", memory_table),
+                ("blip", "BLIP-B train step (ITC + ITM + LM, AdamW): mmjax vs transformers, in turns",
+                 blip_train_table),
+                ("blip", "BLIP-B caption generation (images encoded too): mmjax vs transformers, in turns",
+                 blip_generation_table),
+                ("fusion_memory", "Fusion recipes' train step: memory per device on an 8-device CPU mesh",
+                 fusion_memory_table)]
     for key, title, fn in sections:
         if results.get(key):
             parts += [f"\n## {title}\n", fn(results)]

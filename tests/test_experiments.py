@@ -3,6 +3,7 @@ pp strings and traces its train state and step; and its smoke mode trains a few 
 embedded data."""
 
 import glob
+import json
 import math
 
 import flax.linen as nn
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from mmjax import configs, faults, optim, sharding, tasks, train
+from mmjax.evaluate import runner
 
 EXPERIMENTS = sorted(glob.glob("experiments/*/*.py"))
 
@@ -24,8 +26,7 @@ def test_experiments_found():
 @pytest.mark.parametrize("path", EXPERIMENTS)
 def test_full_config_loads_and_documents_itself(path):
     config = configs.load_config(path)
-    assert config.task in ("classification", "contrastive", "contrastive_momentum", "mae", "beit",
-                           "beit_classification")
+    assert config.task in tasks._TASKS
     with open(path) as f:
         source = f.read()
     assert source.lstrip().startswith('"""') and "mmjax-train --config" in source, \
@@ -34,8 +35,13 @@ def test_full_config_loads_and_documents_itself(path):
 
 @pytest.mark.parametrize("path", [p for p in EXPERIMENTS if not p.endswith("shapes.py")])
 def test_smoke_mode_trains(path, tmp_path):
-    final = train.train(configs.load_config(f"{path}:smoke=True"), str(tmp_path))
-    assert final and all(math.isfinite(v) for v in final.values())
+    config = configs.load_config(f"{path}:smoke=True")
+    final = train.train(config, str(tmp_path))
+    assert all(math.isfinite(v) for v in final.values())
+    assert final or not runner.evaluators(config.get("evals")), "a recipe with evaluators reports their metrics"
+    with open(tmp_path / "metrics.jsonl") as f:   # recipes without evaluators (ViLT pretraining) log losses
+        losses = [row["loss"] for row in map(json.loads, f) if "loss" in row]
+    assert losses and all(math.isfinite(v) for v in losses)
 
 
 # --- Every recipe as it would start: pp strings run and the full-size train state traced ----------
@@ -48,6 +54,7 @@ def test_smoke_mode_trains(path, tmp_path):
 # The variants and training stages the recipes' docstrings name are traced too; image-text recipes
 # get the folder arguments of their docstring commands (paths that are only named, never read).
 PAIRS = "image_dir=/data/pairs,captions=/data/pairs/captions.jsonl"
+SHAPES_VOCAB = "mmjax/data/tokenizers/shapes_vocab.txt"
 FULL_SPECS = [
     "experiments/beit/in1k_finetune.py",
     # The full-size DALL-E encoder with random weights: its real weights come from a converted
@@ -72,6 +79,33 @@ FULL_SPECS = [
     "experiments/vit/shapes.py",
     "experiments/vit/shapes.py:pool=gap,posemb=sincos2d",
     "experiments/vit/vit_i21k.py",
+    # --- vilt recipes (ViLT helper adds its specs here) ---
+    # bert-base-uncased's vocab.txt is not on this machine: the shapes WordPiece vocabulary stands in
+    # for the tokenizer (the model keeps BERT's 30,522 ids).
+    f"experiments/vilt/pretrain_4m.py:vocab={SHAPES_VOCAB},{PAIRS}",
+    "experiments/vilt/shapes_vqa.py",
+    "experiments/vilt/shapes_vqa.py:stem=False",
+    # ViLT's 3,129-answer list is not on this machine either: 12 common VQA answers stand in (the head
+    # is sized from the list, so only its output width differs from the recipe's).
+    f"experiments/vilt/vqa_v2.py:vocab={SHAPES_VOCAB},answers=tests/fixtures/vilt_vqa_answers_sample.txt,"
+    "image_dir=/data/coco,questions=/data/vqa/trainval.jsonl,test_questions=/data/vqa/minival.jsonl",
+    # --- albef recipes (ALBEF helper adds its specs here) ---
+    "experiments/albef/shapes.py",
+    *[f"experiments/albef/pretrain_4m.py:data={d},{PAIRS},vocab=mmjax/data/tokenizers/shapes_vocab.txt"
+      for d in ("4m", "14m")],
+    # --- blip pretraining recipes (BLIP pretraining helper adds its specs here) ---
+    "experiments/blip/shapes.py",
+    *[f"experiments/blip/pretrain_14m.py:data={d},{PAIRS},vocab=mmjax/data/tokenizers/shapes_vocab.txt"
+      for d in ("14m", "129m")],
+    # --- blip fine-tuning recipes (BLIP fine-tuning helper adds its specs here) ---
+    # The full recipes need the checkpoint's BERT vocabulary (`vocab=`); the shapes vocabulary stands in for it.
+    *[f"experiments/blip/retrieval_coco.py:variant={v},vocab={SHAPES_VOCAB},{PAIRS},test_captions=/data/t.jsonl"
+      for v in ("B", "L")],
+    f"experiments/blip/retrieval_flickr.py:vocab={SHAPES_VOCAB},{PAIRS},test_captions=/data/t.jsonl",
+    *[f"experiments/blip/caption_coco.py:variant={v},vocab={SHAPES_VOCAB},{PAIRS},test_captions=/data/t.jsonl"
+      for v in ("B", "L")],
+    f"experiments/blip/vqa_v2.py:vocab={SHAPES_VOCAB},image_dir=/data/coco,questions=/data/vqa/train.jsonl",
+    "experiments/blip/shapes_caption.py",
 ]
 SMOKE_SPECS = [f"{path}:smoke=True" for path in EXPERIMENTS]
 _SOURCE_FIELDS = {   # what each data source yields per example, as far as the pp strings see it
@@ -79,6 +113,7 @@ _SOURCE_FIELDS = {   # what each data source yields per example, as far as the p
     "imagenet21k": ("image", "label"),
     "folder": ("image", "caption"),             # with captions=; a class-per-folder tree has labels
     "webdataset": ("image", "caption"),
+    "vqa_folder": ("image", "question", "answers"),   # experiments/blip/vqa_v2.py's JSONL of questions
 }
 
 
@@ -94,12 +129,14 @@ def _synthetic_example(data) -> dict:
     assert name in _SOURCE_FIELDS, f"no synthetic example for data source {name!r}: add it to _SOURCE_FIELDS"
     values = {"image": np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8),
               "label": np.int64(7), "file_name": "n01440764_10026.JPEG",
-              "caption": "a photo of a small dog running on the grass."}
+              "caption": "a photo of a small dog running on the grass.",
+              "question": "what is the dog doing?", "answers": ["running"] * 7 + ["playing"] * 3}
     return {key: values[key] for key in _SOURCE_FIELDS[name]}
 
 
-def _pp_shapes(data, pp: str, tokenizer, where: str) -> dict:
-    """Runs the pp string on a synthetic example; the batch element's shapes and dtypes."""
+def _pp_shapes(data, pp: str, tokenizer, where: str, text_keys: frozenset = frozenset()) -> dict:
+    """Runs the pp string on a synthetic example; the batch element's shapes and dtypes. Only
+    `text_keys` (an evaluator's reference captions or answers) may hold strings."""
     from mmjax.data.pipeline import _canonical  # the trainer's dtype canonicalisation
     from mmjax.data.preprocess import Preprocess
 
@@ -107,17 +144,28 @@ def _pp_shapes(data, pp: str, tokenizer, where: str) -> dict:
     shapes = {}
     for key, value in out.items():
         value = np.asarray(value)
-        assert value.dtype.kind in "biuf", f"{where}: pp {pp!r} leaves non-numeric {key!r}; keep() only arrays"
+        allowed = "biufUSO" if key in text_keys else "biuf"
+        assert value.dtype.kind in allowed, f"{where}: pp {pp!r} leaves non-numeric {key!r}; keep() only arrays"
         shapes[key] = (value.shape, value.dtype)
     return shapes
 
 
+def _text_keys(name: str, block) -> frozenset:
+    """The string columns an evaluator reads on the host (captioning references, VQA answers)."""
+    kind = runner.kind_of(name, block)
+    if kind == "captioning":
+        return frozenset({block.get("references_key", "caption")})
+    if kind == "vqa":
+        return frozenset({block.get("answers_key", "answer")})
+    return frozenset()
+
+
 def _evals_with_pp(evals, prefix="evals"):
-    """(name, data, pp) of every evaluation block, nested ones (probe train/test) included."""
+    """(name, data, pp, string columns) of every evaluation block, nested ones (probe train/test) included."""
     for key, value in evals.items():
         if isinstance(value, ml_collections.ConfigDict):
             if "pp" in value:
-                yield f"{prefix}.{key}", value.data, value.pp
+                yield f"{prefix}.{key}", value.data, value.pp, _text_keys(key, value)
             else:
                 yield from _evals_with_pp(value, f"{prefix}.{key}")
 
@@ -131,8 +179,8 @@ def test_recipe_pp_and_train_state_trace(spec):
     config = configs.load_config(spec)
     task = tasks.get_task(config)
     example = _pp_shapes(config.input.data, config.input.pp, task.tokenizer, "input.pp")
-    for name, data, pp in _evals_with_pp(config.get("evals", {})):
-        got = _pp_shapes(data, pp, task.tokenizer, f"{name}.pp")
+    for name, data, pp, text_keys in _evals_with_pp(config.get("evals", {})):
+        got = _pp_shapes(data, pp, task.tokenizer, f"{name}.pp", text_keys)
         for key in set(got) & set(example):   # e.g. eval images at the model's training size
             assert got[key] == example[key], f"{name}.pp gives {key} {got[key]}, input.pp {example[key]}"
 

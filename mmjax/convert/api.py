@@ -11,10 +11,10 @@ import json
 import numpy as np
 
 from mmjax import inference_spec, paths, pretrained, runs
-from mmjax.convert import beit, bert, blip, clip, dvae, engine, io, library_configs, mae, vilt, vit
+from mmjax.convert import albef, beit, bert, blip, clip, dvae, engine, io, library_configs, mae, vilt, vit
 from mmjax.convert.export import Export, as_export
 
-SOURCES = ("timm", "open_clip", "hf", "dall_e")
+SOURCES = ("timm", "open_clip", "hf", "dall_e", "albef")
 HF_ARCHITECTURES = {"ViTModel": vit.from_hf, "ViTForImageClassification": vit.from_hf, "CLIPModel": clip.from_hf,
                     "ViTMAEForPreTraining": mae.from_hf, "BeitForMaskedImageModeling": beit.from_hf,
                     "BeitForImageClassification": beit.from_hf, "FlavaImageCodebook": dvae.from_hf,
@@ -42,6 +42,7 @@ EXPORTS = {
     (blip.RETRIEVAL, "hf"): blip.hf_export,
     (blip.CAPTIONER, "hf"): blip.hf_export,
     (blip.QUESTION_ANSWERING, "hf"): blip.hf_export,
+    (albef.ALBEF, "albef"): albef.official_export,
 }
 
 
@@ -79,6 +80,9 @@ def plan_import(source: str, checkpoint: str, model: str | None = None,
             raise engine.ConversionError(f"Unsupported Hugging Face architecture {arch or config.get('model_type')!r} "
                                          f"in {checkpoint}/config.json; supported: {sorted(HF_ARCHITECTURES)}")
         return HF_ARCHITECTURES[arch](config, state), state
+    if source == "albef":   # an official ALBEF checkpoint: the architecture is read from its shapes
+        state = io.read_state_dict(checkpoint)
+        return albef.from_official(state), state
     if not model:
         raise engine.ConversionError(f"--model is required for --source {source}")
     if source == "timm":

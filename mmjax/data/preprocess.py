@@ -43,7 +43,8 @@ _IMAGE_TRANSFORMS: dict[str, Callable[..., Callable[[np.ndarray, np.random.Gener
     "randaugment": randaugment.RandAugment,
     "random_erasing": random_erasing.RandomErasing,
 }
-KNOWN_OPS: list[str] = sorted([*_IMAGE_OPS, *_IMAGE_TRANSFORMS, "tokenize", "mlm_mask", "rename", "keep"])
+KNOWN_OPS: list[str] = sorted([*_IMAGE_OPS, *_IMAGE_TRANSFORMS, "tokenize", "mlm_mask", "rename", "keep",
+                                 "shapes_question", "vqa_targets"])
 
 
 def split_ops(pp: str) -> list[str]:
@@ -115,6 +116,10 @@ def build_op(name: str, args: tuple, kwargs: dict, tokenizer: Tokenizer | None =
         return _call_factory(name, _rename_op, args, kwargs)
     if name == "keep":
         return _call_factory(name, _keep_op, args, kwargs)
+    if name == "shapes_question":
+        return _call_factory(name, _shapes_question_op, args, kwargs)
+    if name == "vqa_targets":
+        return _call_factory(name, _vqa_targets_op, args, kwargs)
     raise ValueError(f"unknown pp op {name!r}; known ops: {', '.join(KNOWN_OPS)}")
 
 
@@ -225,5 +230,42 @@ def _keep_op(*keys: str) -> Op:
     """Drops every key not listed."""
     def op(example: Example, rng: np.random.Generator) -> Example:
         return {k: _get("keep", example, k) for k in keys}
+
+    return op
+
+
+def _shapes_question_op(out: str = "question", answer: str = "answer", answer_id: str = "answer_id",
+                        question_type: str = "question_type") -> Op:
+    """A generated question about a shapes example (mmjax.data.shapes_vqa): its text, answer string,
+    answer index in shapes_vqa.ANSWERS and question type index, drawn from the example's rng."""
+    from mmjax.data import shapes_vqa
+
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        text, answer_text, qtype = shapes_vqa.ask(example, rng)
+        example.update({out: text, answer: answer_text, answer_id: np.int32(shapes_vqa.ANSWER_INDEX[answer_text]),
+                        question_type: np.int32(qtype)})
+        return example
+
+    return op
+
+
+def _vqa_targets_op(answer_list: str, key: str = "answers", out: str = "vqa_targets") -> Op:
+    """VQA v2 soft-score targets (num_answers,) float32 of the annotators' answers in `key`, over the
+    answer vocabulary of file `answer_list` (one answer per line, in head order), as ViLT trains its
+    BCE head (mmjax.evaluate.vqa_score.soft_score_targets); answers outside the list are dropped."""
+    from mmjax import paths
+    from mmjax.evaluate import vqa_score
+
+    if not paths.isfile(answer_list):
+        raise ValueError(f"pp op 'vqa_targets': answer_list {answer_list!r} is not a file (one answer per line)")
+    with paths.open(answer_list) as f:
+        index = {line.rstrip("\n"): i for i, line in enumerate(line for line in f if line.strip())}
+
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        answers = _get("vqa_targets", example, key)
+        # "" pads a question's answers to the batch's length (vqa_folder): it is no annotator
+        answers = [answers] if isinstance(answers, str) else [str(a) for a in answers if str(a).strip()]
+        example[out] = vqa_score.soft_score_targets([answers], index)[0]
+        return example
 
     return op

@@ -11,6 +11,8 @@ Supported configs:
   the embedded shapes data set is cached unless `cache=False`.
 * `{"name": "folder", "image_dir": ..., "captions": "captions.jsonl"}` -- a
   user's own images and captions (see `mmjax.data.folder`).
+* `{"name": "vqa_folder", "image_dir": ..., "questions": "questions.jsonl"}` -- a user's
+  images and visual questions with their annotators' answers (see `mmjax.data.vqa_folder`).
 * `{"name": "folder", "image_dir": ...}` (no captions) -- a user's labelled images, one
   sub-folder per class as torchvision's ImageFolder (see `mmjax.data.image_folder`; optional
   `split`, `holdout`, `seed`).
@@ -37,10 +39,12 @@ from mmjax import paths
 from mmjax.data import image_folder, shapes, webdataset
 from mmjax.data.folder import FolderSource
 from mmjax.data.in_memory import InMemorySource
+from mmjax.data.vqa_folder import VqaFolderSource
 
 SHAPES_NAME = "mmjax_shapes"
 FOLDER_NAME = "folder"
 WEBDATASET_NAME = "webdataset"
+VQA_FOLDER_NAME = "vqa_folder"
 
 DataConfig = Mapping[str, Any]  # dict or ml_collections.ConfigDict
 
@@ -53,6 +57,8 @@ def get_source(data_config: DataConfig) -> Sequence[dict]:
             _require(data_config, "image_dir")
             return image_folder.ImageFolderSource(data_config)
         return FolderSource(_require(data_config, "image_dir"), _require(data_config, "captions"))
+    if name == VQA_FOLDER_NAME:
+        return VqaFolderSource(_require(data_config, "image_dir"), _require(data_config, "questions"))
     if name == WEBDATASET_NAME:
         return webdataset.WebDatasetSource(webdataset.expand_shards(_require(data_config, "shards")))
     builder = _builder(data_config)
@@ -95,7 +101,7 @@ def _own_class_names(data_config: DataConfig) -> list[str] | None:
     if name == FOLDER_NAME and data_config.get("captions") is None:
         _require(data_config, "image_dir")
         return image_folder.display_names(image_folder.find_classes(image_folder.class_root(data_config)))
-    if name in (FOLDER_NAME, WEBDATASET_NAME):
+    if name in (FOLDER_NAME, WEBDATASET_NAME, VQA_FOLDER_NAME):
         return None
     features = _builder(data_config).info.features
     label = features["label"] if "label" in features else None  # noqa: SIM401 - FeaturesDict

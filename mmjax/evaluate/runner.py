@@ -8,8 +8,11 @@
         ...)
 
 KIND is one of `KINDS`: zeroshot, retrieval, top1, linear_probe (train / test splits instead of
-data / pp) or reconstruction. Metrics are named after the evaluator: NAME/top1, NAME/i2t_r1,
-NAME/label_top1, NAME/loss ...; the evaluator named "top1" writes plain "top1".
+data / pp), reconstruction, or for fusion and generative models itm_retrieval (ITC top-k re-ranked
+by ITM), captioning (BLEU-4, CIDEr; its `generation` dict of GenerationConfig fields reaches the
+task's `caption` as a plain dict) and vqa (VQA v2 accuracy). Metrics are named after
+the evaluator: NAME/top1, NAME/i2t_r1, NAME/label_top1, NAME/loss ...; the evaluator named "top1"
+writes plain "top1".
 
 A driver calls the task's predict functions (`PREDICT_FUNCTIONS`); an evaluator whose task
 does not provide them, an unknown kind or an unknown key is an error when the task is built.
@@ -23,10 +26,19 @@ from typing import Any
 import ml_collections
 from jax.sharding import Mesh
 
-from mmjax.evaluate.drivers import linear_probe, reconstruction, retrieval, top1, zeroshot
+from mmjax.evaluate.drivers import (
+    captioning,
+    itm_retrieval,
+    linear_probe,
+    reconstruction,
+    retrieval,
+    top1,
+    vqa,
+    zeroshot,
+)
 
 KINDS = {"zeroshot": zeroshot, "retrieval": retrieval, "top1": top1, "linear_probe": linear_probe,
-         "reconstruction": reconstruction}
+         "reconstruction": reconstruction, "itm_retrieval": itm_retrieval, "captioning": captioning, "vqa": vqa}
 # The names today's recipes give evaluators whose kind is not the name itself.
 DEFAULT_KINDS = {"probe": "linear_probe", "recon": "reconstruction", "mim": "reconstruction"}
 SCHEDULE_KEYS = ("every_steps",)
@@ -39,7 +51,15 @@ PREDICT_FUNCTIONS = {
     "score_pairs": "score_pairs(params, images, tokens) -> (B,) match logits of aligned pairs",
     "image_features": "image_features(params, images, feature) -> (B, D) frozen features to probe",
     "reconstruct": "reconstruct(params, images, rng) -> {metric: (B,) per-example sums, 'count': (B,)}",
-    # to come with the captioning / VQA families: "generate"
+    # Fusion encoders and generative models (ALBEF, BLIP, ViLT, and the LLM bridges after them):
+    "image_tokens": "image_tokens(params, images) -> (B, ...) per-image inputs of match_tokens, computed once per "
+                    "image (a fusion encoder's image states; ViLT: the images themselves)",
+    "match_tokens": "match_tokens(params, image_tokens, tokens) -> (B,) ITM 'match' logits (class 1) of the "
+                    "aligned pairs (image_tokens i, text i)",
+    "caption": "caption(params, images, settings) -> (B, L) int32 generated token ids (no bos/prompt; pad id "
+               "after the stop token), read with task.tokenizer.decode; settings: mmjax.generate."
+               "GenerationConfig fields",
+    "answer": "answer(params, images, tokens) -> list of B answer strings to the tokenized questions",
 }
 
 

@@ -39,9 +39,25 @@ def put_replicated(x: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec()), lambda index: x[index])
 
 
+def is_text(x: Any) -> bool:
+    """A numpy array of strings (or objects), which cannot live on the mesh."""
+    return isinstance(x, np.ndarray) and x.dtype.kind in "USO"
+
+
+def _to_host(out: Any) -> Any:
+    """`fn`'s output on the host: device arrays fetched (gathered across processes), text as is."""
+    leaves, treedef = jax.tree.flatten(out)
+    arrays = iter(fetch([x for x in leaves if not is_text(x)]))
+    return jax.tree.unflatten(treedef, [x if is_text(x) else next(arrays) for x in leaves])
+
+
 def run_over_split(eval_cfg: ml_collections.ConfigDict, mesh: Mesh, fn: Callable[..., Any],
                    tokenizer=None, *, name: str) -> Iterator[tuple[dict[str, np.ndarray], Any]]:
     """Yields (batch with padding dropped, fn(device batch) with padding dropped) over a split.
+
+    Text columns (reference captions, answers: numpy string arrays) stay on the host: `fn` sees
+    the numeric columns, the yielded batch has them all. `fn` may return text as numpy string
+    arrays (generated answers), which are kept as they are instead of being gathered.
 
     The eval batch size is rounded up to a multiple of the data-parallel size so that every
     batch shards evenly; padding rows carry mask=False and are removed here. A split that
@@ -57,7 +73,7 @@ def run_over_split(eval_cfg: ml_collections.ConfigDict, mesh: Mesh, fn: Callable
                                        max_examples=eval_cfg.get("max_examples")):
         mask = np.asarray(batch.pop("mask"), bool)
         examples += int(mask.sum())
-        out = fetch(fn(put_global(batch, mesh)))
+        out = _to_host(fn(put_global({k: v for k, v in batch.items() if not is_text(v)}, mesh)))
         keep = lambda x, mask=mask: np.asarray(x)[mask]
         yield jax.tree.map(keep, batch), jax.tree.map(keep, out)
     if examples == 0:

@@ -7,18 +7,23 @@ concatenation with the joint padding mask, a final LayerNorm and BERT's pooler (
 on the first token). Heads, as transformers' ViltFor* classes: "mlm" (BERT's transform and a
 decoder tied to the word embeddings, on the text tokens), "retrieval" (one linear score on the
 pooled vector) and "vqa" (dense to 2x width, LayerNorm, GELU, dense to `num_answers`); "itm" is
-the paper's pretraining ITM head (a linear to 2 classes, match = 1), which transformers lacks.
+the paper's pretraining ITM head (a linear to 2 classes, match = 1), which transformers lacks;
+"pretrain" has both the "mlm" and the "itm" heads (same parameter names), as ViLT's pretraining.
 
 Images: `ViLT` takes one batch of NHWC images of one size, every pixel valid. The stored
 position grid (`image_size // patch`) is resampled bilinearly with aligned corners to the
 image's patch grid, as transformers' `visual_embed` does, and every patch is kept (its
 max_image_length=-1). Not supported: padded image batches with a pixel_mask, and patch sampling
 (max_image_length >= 0, a training augmentation); ViLT's third modality type for the second
-image of NLVR2 pairs is left out (image tokens always take type 1).
+image of NLVR2 pairs is left out (image tokens always take type 1). `conv_stem` (not ViLT's; off
+by default) puts the convolutional stem of Xiao et al. 2021 in place of the patch embedding, for
+small models trained from scratch.
 
 Returns a dict (mmjax.models.outputs): "tokens" (B, text + 1 + patches, D) normed, text first;
 "pooled" (B, D) the pooler's output; "logits" with a head: (B, text, vocab) for "mlm",
-(B, 2) for "itm", (B, 1) for "retrieval", (B, num_answers) for "vqa".
+(B, 2) for "itm", (B, 1) for "retrieval", (B, num_answers) for "vqa"; "pretrain" gives the MLM
+"logits" and the ITM "itm_logits" of the same forward pass (under jit, an output a loss does not
+use is not computed: ViLT's separate MLM and ITM passes each pay only for their own head).
 """
 
 from __future__ import annotations
@@ -29,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import flops, layers
-from mmjax.models import bert, vit
+from mmjax.models import bert, conv_stem, vit
 
-HEADS = ("none", "mlm", "itm", "retrieval", "vqa")
+HEADS = ("none", "mlm", "itm", "retrieval", "vqa", "pretrain")
 _NORMAL = nn.initializers.normal(0.02)      # ViLT's initializer_range
 
 
@@ -91,6 +96,7 @@ class ViLT(nn.Module):
     patch_size: int | tuple[int, int] | None = None
     image_size: int | tuple[int, int] = 384     # the stored position grid is image_size // patch
     in_channels: int = 3
+    conv_stem: tuple[int, ...] = ()   # not ViLT's: stride-2 3x3 convs before patchify (mmjax.models.conv_stem)
     vocab_size: int = 30522
     max_len: int = 40
     type_vocab_size: int = 2
@@ -149,12 +155,13 @@ class ViLT(nn.Module):
         x = layers.LayerNorm(self.ln_eps, name="ln_final")(x)
         pooled = jnp.tanh(_dense(width, "pooler", self.dtype)(x[:, 0]))
         out = {"tokens": x.astype(jnp.float32), "pooled": pooled.astype(jnp.float32)}
-        if self.head == "mlm":
+        if self.head in ("mlm", "pretrain"):
             head = bert.LMHead(self.act, self.ln_eps, self.dtype, name="lm_head")
             out["logits"] = head(x[:, :tokens.shape[1]], text_embeddings).astype(jnp.float32)
-        elif self.head == "itm":
-            out["logits"] = _dense(2, "itm_head", self.dtype, ("embed", "classes"))(pooled).astype(jnp.float32)
-        elif self.head == "retrieval":
+        if self.head in ("itm", "pretrain"):
+            itm = _dense(2, "itm_head", self.dtype, ("embed", "classes"))(pooled).astype(jnp.float32)
+            out["itm_logits" if self.head == "pretrain" else "logits"] = itm
+        if self.head == "retrieval":
             out["logits"] = _dense(1, "retrieval_head", self.dtype, ("embed", "classes"))(pooled).astype(jnp.float32)
         elif self.head == "vqa":
             out["logits"] = VqaHead(self.num_answers, dtype=self.dtype, name="vqa_head")(pooled).astype(jnp.float32)
@@ -162,8 +169,12 @@ class ViLT(nn.Module):
 
     def _image_tokens(self, images: jax.Array, width: int, train: bool) -> jax.Array:
         """[CLS] + patch embeddings with (resampled) position embeddings: (B, 1 + h*w, D)."""
-        patches = layers.PatchEmbed(width, self.arch()["patch_size"], dtype=self.dtype,
-                                    name="patch_embed")(images.astype(self.dtype))
+        if self.conv_stem:
+            patches = conv_stem.ConvStem(width, self.arch()["patch_size"], tuple(self.conv_stem), dtype=self.dtype,
+                                         name="stem")(images.astype(self.dtype))
+        else:
+            patches = layers.PatchEmbed(width, self.arch()["patch_size"], dtype=self.dtype,
+                                        name="patch_embed")(images.astype(self.dtype))
         b, h, w, _ = patches.shape
         stored = self.stored_grid()
         cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
@@ -195,11 +206,12 @@ def forward_flops(model: ViLT, text_len: int, image_hw: tuple[int, int]) -> dict
     arch = model.arch()
     width, patch = arch["width"], arch["patch_size"]
     tokens = text_len + 1 + (image_hw[0] // patch[0]) * (image_hw[1] // patch[1])
-    parts = {"patch_embed": flops.patch_embed(image_hw, patch, model.in_channels, width),
+    parts = {"patch_embed": vit.patch_embed_flops(model, image_hw),
              **flops.transformer_blocks(tokens, width, arch["depth"], arch["mlp_dim"]),
              "pooler": flops.dense(1, width, width)}
     head = {"none": 0.0, "itm": flops.dense(1, width, 2), "retrieval": flops.dense(1, width, 1),
             "mlm": flops.dense(text_len, width, width) + flops.dense(text_len, width, model.vocab_size),
             "vqa": flops.dense(1, width, 2 * width) + flops.dense(1, 2 * width, model.num_answers)}
+    head["pretrain"] = head["mlm"] + head["itm"]
     parts["head"] = head[model.head]
     return parts

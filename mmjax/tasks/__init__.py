@@ -13,6 +13,13 @@ _TASKS = {
     "mae": "mmjax.tasks.mae:MAETask",
     "beit": "mmjax.tasks.beit:BEiTTask",
     "beit_classification": "mmjax.tasks.beit:BEiTClassificationTask",
+    "vilt": "mmjax.tasks.vilt:ViltPretrainTask",
+    "vilt_vqa": "mmjax.tasks.vilt:ViltVqaTask",
+    "albef": "mmjax.tasks.albef:AlbefPretrainTask",
+    "blip": "mmjax.tasks.blip:BlipPretrainTask",
+    "blip_retrieval": "mmjax.tasks.blip_finetune:BlipRetrievalTask",
+    "blip_caption": "mmjax.tasks.blip_finetune:BlipCaptionTask",
+    "blip_vqa": "mmjax.tasks.blip_finetune:BlipVqaTask",
 }
 
 

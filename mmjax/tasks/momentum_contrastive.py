@@ -20,15 +20,11 @@ the online parameters, exactly as for the contrastive task.
 
 from __future__ import annotations
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import ml_collections
 
 from mmjax import flops
 from mmjax.losses import contrastive_queue
-from mmjax.models import clip
-from mmjax.tasks import contrastive
+from mmjax.tasks import contrastive, momentum_state
 
 DEFAULTS = {"decay": 0.995, "queue_size": None, "distill": 0.0}
 
@@ -46,32 +42,17 @@ class MomentumContrastiveTask(contrastive.ContrastiveTask):
         if unknown:
             raise ValueError(f"Unknown momentum key(s) {unknown}; known: {sorted(DEFAULTS)}")
         cfg = {**DEFAULTS, **cfg}
-        self.decay, self.distill = float(cfg["decay"]), float(cfg["distill"])
-        batch = int(config.input.batch_size)
-        self.queue_size = int(cfg["queue_size"] or 0)
-        if not 0.0 <= self.decay < 1.0:
-            raise ValueError(f"momentum.decay must be in [0, 1), got {self.decay}")
+        self.decay, self.distill = momentum_state.check_decay(cfg["decay"]), float(cfg["distill"])
+        self.queue_size = momentum_state.check_queue_size(cfg["queue_size"], int(config.input.batch_size))
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"momentum.distill must be in [0, 1], got {self.distill}")
-        if self.queue_size <= 0 or self.queue_size % batch:
-            raise ValueError(f"momentum.queue_size={cfg['queue_size']} must be a positive multiple of the "
-                             f"global batch size input.batch_size={batch} (one batch is enqueued per step)")
 
     def init_extra_state(self, params, rng):
-        shape = (self.queue_size, self.model.embed_dim)
-
-        def queue(key):   # replicated: every device scores its rows against the whole queue
-            return nn.LogicallyPartitioned(clip.l2_normalize(jax.random.normal(key, shape)), (None, None))
-
-        image_key, text_key = jax.random.split(rng)
-        return {"ema_params": jax.tree.map(jnp.copy, params),
-                "queue": {"image": queue(image_key), "text": queue(text_key),
-                          "pointer": jnp.zeros((), jnp.int32)}}
+        return {"ema_params": momentum_state.ema_copy(params),
+                "queue": momentum_state.init_queues(rng, self.queue_size, self.model.embed_dim)}
 
     def train_loss(self, params, extra, batch, rng):
-        decay = self.decay
-        ema = jax.tree.map(lambda m, p: decay * m + (1.0 - decay) * jax.lax.stop_gradient(p),
-                           extra["ema_params"], params)
+        ema = momentum_state.ema_update(extra["ema_params"], params, self.decay)
         out = self.model.apply({"params": params}, batch["image"], batch["text"], train=True,
                                rngs={"dropout": rng})
         momentum = self.model.apply({"params": ema}, batch["image"], batch["text"])
@@ -79,10 +60,9 @@ class MomentumContrastiveTask(contrastive.ContrastiveTask):
         loss, metrics = contrastive_queue.itc_queue_loss(
             out["image_embeds"], out["text_embeds"], momentum["image_embeds"], momentum["text_embeds"],
             queue["image"], queue["text"], out["logit_scale"], distill=self.distill)
-        image_queue, pointer = contrastive_queue.enqueue(queue["image"], momentum["image_embeds"], queue["pointer"])
-        text_queue, _ = contrastive_queue.enqueue(queue["text"], momentum["text_embeds"], queue["pointer"])
         metrics["logit_scale"] = out["logit_scale"]
-        new_extra = {"ema_params": ema, "queue": {"image": image_queue, "text": text_queue, "pointer": pointer}}
+        new_extra = {"ema_params": ema, "queue": momentum_state.enqueue_all(
+            queue, image=momentum["image_embeds"], text=momentum["text_embeds"])}
         return loss, (metrics, new_extra)
 
     def train_flops_per_example(self, batch_shapes):

@@ -51,3 +51,32 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):
     assert "error" not in row and row["train"]["examples_per_sec"] > 0 and row["ratio_vs_torch"] > 0
     assert row["flops"]["tflops"] > 0
     assert "vs PyTorch" in (tmp_path / "gpu.md").read_text()
+
+
+def test_cpu_benchmark_blip_section(tmp_path):
+    """The blip section on a tiny BLIP: both sides train on the same losses and caption alike."""
+    out = str(tmp_path / "blip.json")
+    cpu.main(["--smoke", "--sections", "blip", "--out", out])
+    with open(out) as f:
+        saved = json.load(f)["blip"]
+    train = saved["train"]
+    assert train["max_loss_diff"] < 1e-4 and len(train["losses"]["mmjax"]) == 3   # 1 warm-up + 2 timed steps
+    assert train["mmjax"]["examples_per_sec"] > 0 and train["torch"]["examples_per_sec"] > 0 and train["ratio"] > 0
+    assert 1.0 <= train["flops"]["agreement"] < 1.3
+    (greedy,) = saved["generation"]
+    assert greedy["same_tokens"] and len(greedy["mmjax_tokens"][0]) == 1 + greedy["new_tokens"]
+    assert greedy["mmjax"]["tokens_per_sec"] > 0 and greedy["traces"] == 1
+    assert "ratio mmjax÷transformers" in (tmp_path / "blip.md").read_text()
+
+
+def test_fusion_memory_measures_a_recipe_with_task_state():
+    """benchmarks/fusion_memory.py on a recipe whose task owns state (EMA model + queues), fsdp."""
+    from benchmarks import fusion_memory
+
+    row = fusion_memory.measure(fusion_memory.SMOKE_RECIPE, "fsdp", batch=8)
+    assert row["task"] == "contrastive_momentum" and row["task_state_entries"] == ["ema_params", "queue"]
+    assert row["batch_shapes"]["image"] == [32, 32, 3]
+    unsharded = row["params_millions"] * 1e6 * 4
+    assert row["param_bytes_per_device"] < unsharded / 4   # sharded 8 ways; norms and biases replicated
+    assert row["task_state_bytes_per_device"] > row["param_bytes_per_device"]   # EMA copy + queues
+    assert row["compiled"]["peak_bytes"] > 0

@@ -46,7 +46,7 @@ def test_the_kind_defaults_to_the_name():
 
 @pytest.mark.parametrize("evals, match", [
     ({"val": SPLIT}, r"evals\.val: unknown evaluator kind 'val'; set evals\.val\.kind to one of \["),
-    ({"val": dict(SPLIT, kind="captioning")}, r"evals\.val: unknown evaluator kind 'captioning'"),
+    ({"val": dict(SPLIT, kind="captions")}, r"evals\.val: unknown evaluator kind 'captions'"),
     ({"top1": dict(SPLIT, template=["{}"])}, r"evals\.top1 \(kind 'top1'\): unknown key\(s\) \['template'\]"),
     ({"zeroshot": SPLIT}, r"evals\.zeroshot \(kind 'zeroshot'\): missing \['templates'\]"),
     ({"probe": {"train": SPLIT}}, r"evals\.probe \(kind 'linear_probe'\): missing \['test'\]"),
