@@ -17,7 +17,7 @@ _TASKS = {
     "vilt_vqa": "mmjax.tasks.vilt:ViltVqaTask",
     "albef": "mmjax.tasks.albef:AlbefPretrainTask",
     "blip": "mmjax.tasks.blip:BlipPretrainTask",
-    "blip_retrieval": "mmjax.tasks.blip_finetune:BlipRetrievalTask",
+    "blip_retrieval": "mmjax.tasks.blip_retrieval_finetune:BlipRetrievalTask",
     "blip_caption": "mmjax.tasks.blip_finetune:BlipCaptionTask",
     "blip_vqa": "mmjax.tasks.blip_finetune:BlipVqaTask",
 }

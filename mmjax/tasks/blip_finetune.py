@@ -303,7 +303,4 @@ class BlipVqaTask(base.Task):
         generated = out.generated[::config.num_return_sequences]
         return [text.strip() for text in self.tokenizer.decode(decodable(generated, self.tokenizer))]
 
-
-from mmjax.tasks.blip_retrieval_finetune import BlipRetrievalTask  # noqa: E402  (registered under this module)
-
-__all__ = ["BlipCaptionTask", "BlipRetrievalTask", "BlipVqaTask"]
+__all__ = ["BlipCaptionTask", "BlipVqaTask"]
