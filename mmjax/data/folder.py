@@ -29,6 +29,44 @@ from mmjax.data.webdataset import SkipCounter
 log = logging.getLogger(__name__)
 
 
+def keep_present_images(records: list, image_dir: str, image_of, problems: list) -> list:
+    """The (line number, ...) records whose image (`image_of(record)`, relative to image_dir)
+    exists, checked in one listing; each missing one is appended to `problems`."""
+    present = paths.existing_files([paths.join(image_dir, image_of(r)) for r in records])
+    kept = []
+    for record in records:
+        if paths.join(image_dir, image_of(record)) in present:
+            kept.append(record)
+        else:
+            problems.append((record[0], "missing image", f"{image_of(record)!r} is not in {image_dir!r}"))
+    return kept
+
+
+def report_skipped_lines(what: str, file_kind: str, path: str, usable: int, problems: list) -> dict[str, int]:
+    """Counts of skipped lines by kind; an error when no line is usable, a warning when some were skipped."""
+    skipped = dict(collections.Counter(kind for _, kind, _ in sorted(problems)))
+    if not problems and not usable:
+        raise ValueError(f"{what}: {file_kind} {path!r} has no examples")
+    if problems:
+        examples = "; ".join(f"line {n}: {kind} ({detail})" for n, kind, detail in sorted(problems)[:3])
+        counts = ", ".join(f"{n} {kind}" for kind, n in skipped.items())
+        if not usable:
+            raise ValueError(f"{what}: no usable line in {path!r}: {counts}; e.g. {examples}")
+        log.warning("%s: skipped %d of %d lines of %r (%s); e.g. %s", what, len(problems), len(problems) + usable,
+                    path, counts, examples)
+    return skipped
+
+
+def read_rgb(path: str, index: int, unreadable: SkipCounter) -> np.ndarray | None:
+    """The image at `path` as uint8 (H, W, 3) RGB, or None (counted in `unreadable`) if it cannot be decoded."""
+    try:
+        with paths.open(path, "rb") as f, Image.open(f) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        unreadable.skip(f"unreadable image ({type(e).__name__})", f"{path!r} (example {index})")
+        return None
+
+
 class FolderSource:
     """Returns `{"image": uint8 (H, W, 3) RGB, "caption": str}`, or None for an unreadable image."""
 
@@ -42,36 +80,16 @@ class FolderSource:
         self._image_dir = image_dir
         self._unreadable = SkipCounter("folder data")
         records, problems = _read_jsonl(captions)
-        self._records = []
-        present = paths.existing_files([paths.join(image_dir, image) for _, image, _ in records])
-        for line_number, image, caption in records:
-            if paths.join(image_dir, image) in present:
-                self._records.append((image, caption))
-            else:
-                problems.append((line_number, "missing image", f"{image!r} is not in {image_dir!r}"))
-        self.skipped = dict(collections.Counter(kind for _, kind, _ in sorted(problems)))
-        if not problems and not self._records:
-            raise ValueError(f"folder data: captions file {captions!r} has no examples")
-        if problems:
-            examples = "; ".join(f"line {n}: {kind} ({detail})" for n, kind, detail in sorted(problems)[:3])
-            counts = ", ".join(f"{n} {kind}" for kind, n in self.skipped.items())
-            if not self._records:
-                raise ValueError(f"folder data: no usable line in {captions!r}: {counts}; e.g. {examples}")
-            log.warning("folder data: skipped %d of %d lines of %r (%s); e.g. %s", len(problems),
-                        len(problems) + len(self._records), captions, counts, examples)
+        self._records = [(image, caption) for _, image, caption in
+                         keep_present_images(records, image_dir, lambda r: r[1], problems)]
+        self.skipped = report_skipped_lines("folder data", "captions file", captions, len(self._records), problems)
 
     def __len__(self) -> int:
         return len(self._records)
 
     def __getitem__(self, index: int) -> dict | None:
-        path = self._path(index)
-        try:
-            with paths.open(path, "rb") as f, Image.open(f) as image:
-                array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            self._unreadable.skip(f"unreadable image ({type(e).__name__})", f"{path!r} (example {index})")
-            return None
-        return {"image": array, "caption": self._records[index][1]}
+        array = read_rgb(self._path(index), index, self._unreadable)
+        return None if array is None else {"image": array, "caption": self._records[index][1]}
 
     @property
     def unreadable(self) -> int:

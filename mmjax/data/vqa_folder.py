@@ -23,16 +23,13 @@ an error right away, before anything compiles.
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
 from mmjax import paths
+from mmjax.data import folder
 from mmjax.data.webdataset import SkipCounter
 
 log = logging.getLogger(__name__)
@@ -55,23 +52,10 @@ class VqaFolderSource:
         self._image_dir = image_dir
         self._unreadable = SkipCounter("vqa_folder data")
         records, problems = read_questions(questions)
-        present = paths.existing_files([paths.join(image_dir, r["image"]) for _, r in records])
-        self._records = []
-        for line_number, record in records:
-            if paths.join(image_dir, record["image"]) in present:
-                self._records.append(record)
-            else:
-                problems.append((line_number, "missing image", f"{record['image']!r} is not in {image_dir!r}"))
-        self.skipped = dict(collections.Counter(kind for _, kind, _ in sorted(problems)))
-        if not problems and not self._records:
-            raise ValueError(f"vqa_folder data: questions file {questions!r} has no examples")
-        if problems:
-            examples = "; ".join(f"line {n}: {kind} ({detail})" for n, kind, detail in sorted(problems)[:3])
-            counts = ", ".join(f"{n} {kind}" for kind, n in self.skipped.items())
-            if not self._records:
-                raise ValueError(f"vqa_folder data: no usable line in {questions!r}: {counts}; e.g. {examples}")
-            log.warning("vqa_folder data: skipped %d of %d lines of %r (%s); e.g. %s", len(problems),
-                        len(problems) + len(self._records), questions, counts, examples)
+        kept = folder.keep_present_images(records, image_dir, lambda r: r[1]["image"], problems)
+        self._records = [record for _, record in kept]
+        self.skipped = folder.report_skipped_lines("vqa_folder data", "questions file", questions, len(self._records),
+                                                   problems)
         self.num_answers = max([ANNOTATORS] + [len(r["answers"]) for r in self._records])
         self.fields = ("image", "question", "answers") + self._uniform_optional_fields(questions)
 
@@ -92,12 +76,8 @@ class VqaFolderSource:
 
     def __getitem__(self, index: int) -> dict | None:
         record = self._records[index]
-        path = paths.join(self._image_dir, record["image"])
-        try:
-            with paths.open(path, "rb") as f, Image.open(f) as image:
-                array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            self._unreadable.skip(f"unreadable image ({type(e).__name__})", f"{path!r} (example {index})")
+        array = folder.read_rgb(paths.join(self._image_dir, record["image"]), index, self._unreadable)
+        if array is None:
             return None
         answers = list(record["answers"]) + [PADDING] * (self.num_answers - len(record["answers"]))
         example = {"image": array, "question": record["question"], "answers": answers}
