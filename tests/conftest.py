@@ -1,11 +1,15 @@
-"""Test-wide setup: an 8-device CPU platform, so sharded code runs on a simulated mesh; and the
-session's shared trainer runs (`shapes_vit_run`, `shapes_clip_run`), each trained once."""
+"""Test-wide setup: an 8-device CPU platform, so sharded code runs on a simulated mesh; a
+compilation cache for the session; and the session's shared trainer runs (`shapes_vit_run`,
+`shapes_clip_run`), each trained once."""
 
+import atexit
 import contextlib
 import dataclasses
 import io
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -13,6 +17,15 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One persistent XLA compilation cache for the session: a program compiled twice (a run's train step
+# and the same step in its resumed run, one tiny model's init in several tests) compiles once. The
+# cached executable is the one a fresh compile gives, so no test sees anything else.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="mmjax-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # Smaller train batches than the smoke recipes' 32 (one example per simulated device), and eval
 # batches of the smoke evaluations' 64 examples instead of 500 (504 rows, padding included).

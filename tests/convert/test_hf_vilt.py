@@ -98,8 +98,9 @@ def test_import_matches_and_export_round_trips(tmp_path, randomize, convert, rei
         np.testing.assert_array_equal(value, original[key], err_msg=key)
     loaded, info = cls.from_pretrained(str(tmp_path / "back"), output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    for key, value in _torch_outputs(loaded, name).items():
-        np.testing.assert_array_equal(value, want[key], err_msg=key)
+    for key, value in _torch_outputs(loaded, name).items():   # the weights are equal bit for bit (above);
+        # torch's float32 reductions may differ by an ulp from run to run on a busy CPU
+        np.testing.assert_allclose(value, want[key], rtol=1e-6, atol=1e-7, err_msg=key)
     reimport_equals("hf", tmp_path / "back", mmjax.load(str(tmp_path / "mm"))[1])
 
 

@@ -8,7 +8,7 @@
 * invariants: α = 0 gives the plain queue ITC loss; decay 1 leaves the momentum copy frozen (the
   config refuses decay 1, so ema_update is checked directly) and the EMA follows its formula; the
   queues are FIFO ring buffers across steps;
-* one train step under dp / fsdp / fsdp_tp on 8 CPU devices equals the one-device step.
+* the loss, gradients and new extra state under fsdp_tp on 8 CPU devices equal one device's.
 """
 
 import os
@@ -21,20 +21,19 @@ import ml_collections
 import numpy as np
 import pytest
 import trainer_process
-from jax.sharding import NamedSharding, PartitionSpec
 
-from mmjax import checkpoint, configs, faults, optim, sharding, tasks, train
+from mmjax import checkpoint, configs, tasks, train
 from mmjax.data import shapes, shapes_render
 from mmjax.evaluate import retrieval
 from mmjax.losses import contrastive_queue
 from mmjax.tasks import momentum_state
 
 SPEC = "experiments/albef/shapes.py"
-# Measured on 2 CPU cores shared with 4 other jobs (load ~15): the run takes about 8 min (2 of them
-# compiling), far over the 45 s a learning test should take on a quiet machine. Then MLM fills in the
-# colour word of held-out captions 0.79 (chance 0.25), ITC i2t R@1 0.020 and ITM re-ranked 0.020
-# (chance 0.004); ITM accuracy is still near chance (0.53) at this budget.
-STEPS, BATCH, TEST, RESUME_FROM = 300, 32, 256, 250
+# Measured on 2 CPU cores shared with 2 other jobs: the run takes about 80 s (compiles included).
+# Then MLM fills in the colour word of held-out captions 0.51 (chance 0.25; 0.79 after 300 steps,
+# 0.21 after 150), ITC i2t R@1 0.023 and ITM re-ranked 0.023 (chance 0.004); ITM accuracy is still at
+# chance (0.50) at this budget.
+STEPS, BATCH, TEST, RESUME_FROM = 220, 32, 256, 200
 TINY = ["--config.model.embed_dim=32", "--config.model.vision.width=64", "--config.model.vision.mlp_dim=256",
         "--config.model.vision.depth=2", "--config.model.text.width=64", "--config.model.text.mlp_dim=256",
         "--config.model.text.num_heads=4", "--config.model.vision.conv_stem=(16, 32)"]
@@ -102,8 +101,8 @@ def test_albef_learns_far_above_chance(run):
     print(f"\nALBEF after {STEPS} steps of {BATCH}: ITM accuracy {itm_accuracy:.3f} (chance 0.5); i2t R@1 ITC "
           f"{itc['i2t_r1']:.3f} -> ITM re-ranked top-{k} {reranked_r1:.3f} (chance {1 / TEST:.3f}); MLM colour "
           f"word {colour:.3f} of {n_colour} (chance 0.25), shape word {shape:.3f} of {n_shape} (chance 1/6)")
-    assert colour > 0.5                                       # 2x chance; 0.79 measured
-    assert itc["i2t_r1"] >= 3 / TEST and reranked_r1 >= 3 / TEST     # chance 1 / TEST; 5 / TEST measured
+    assert colour > 0.4                                       # 1.6x chance; 0.51 measured
+    assert itc["i2t_r1"] >= 3 / TEST and reranked_r1 >= 3 / TEST     # chance 1 / TEST; 6 / TEST measured
 
 
 def test_resume_after_a_kill_is_bit_exact(run, tmp_path):
@@ -127,7 +126,8 @@ def _tiny_config(**momentum):
         "--config.input.batch_size=8", "--config.momentum.queue_size=16", "--config.model.embed_dim=16",
         "--config.model.vision.width=32", "--config.model.vision.depth=1", "--config.model.vision.num_heads=2",
         "--config.model.vision.mlp_dim=64", "--config.model.vision.conv_stem=()", "--config.model.text.width=32",
-        "--config.model.text.num_heads=2", "--config.model.text.mlp_dim=64",
+        "--config.model.text.num_heads=2", "--config.model.text.mlp_dim=64", "--config.model.text.depth=2",
+        "--config.model.text.cross_attention_from=1",   # one text-only layer, one fusion layer
         *[f"--config.momentum.{k}={v}" for k, v in momentum.items()]])
     return config
 
@@ -191,77 +191,37 @@ def test_missing_mlm_inputs_are_named(tiny):
         task.train_loss(params, extra, batch, jax.random.key(0))
 
 
-# --- Sharded == unsharded -----------------------------------------------------------------------
+# --- Queues, and sharded == unsharded -----------------------------------------------------------
 
-MESHES = {"dp": [("data", 8)], "fsdp": [("data", 2), ("fsdp", 4)],
-          "fsdp_tp": [("data", 2), ("fsdp", 2), ("tensor", 2)]}
-RTOL, ATOL = 2e-5, 2e-6
-
-
-def _two_steps(mesh_spec, preset, devices):
-    """(loss and grads of step 1, extra state after steps 1 and 2, queue rows expected after step 1)."""
-    config = _tiny_config()
-    task = tasks.get_task(config)
-    mesh, rules = sharding.make_mesh(mesh_spec, devices), sharding.get_rules(preset)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = sharding.batch_sharding(mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        variables, shardings = sharding.init_sharded(task.init_variables, mesh, rules, jax.random.key(0), _batch(0))
-        params, param_shardings = variables["params"], shardings["params"]
-        extra, extra_shardings = train.init_extra_state(task, params, mesh, rules, jax.random.key(0), _batch(0))
-        tx, schedule = optim.build_optimizer(config.optimizer, config.schedule, 10, params)
-        opt_shardings = train.optimizer_shardings(tx, params, param_shardings, replicated)
-        state = {"step": jnp.zeros((), jnp.int32), "params": params,
-                 "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
-                 "nonfinite": faults.init_counters(), **extra}
-        state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings,
-                           "nonfinite": {"count": replicated, "first_step": replicated}, **extra_shardings}
-        rng = jax.random.key(1)
-        grads_fn = jax.jit(jax.value_and_grad(
-            lambda p, e, b: task.train_loss(p, e, b, jax.random.fold_in(rng, 0)), has_aux=True))
-        (loss, _), grads = grads_fn(params, extra, jax.device_put(_batch(1), batch_sharding))
-        step = jax.jit(train.make_train_step(task, tx, schedule, rng),
-                       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated))
-        state, _ = step(state, jax.device_put(_batch(1), batch_sharding))
-        after_one = {k: state[k] for k in extra}
-        expected_rows = task.embed_images(after_one["ema_params"], _batch(1)["image"])
-        state, _ = step(state, jax.device_put(_batch(2), batch_sharding))
-        host = jax.device_get
-        return (float(loss), host(grads), host(after_one), host({k: state[k] for k in extra}), host(expected_rows))
-
-
-@pytest.fixture(scope="module")
-def unsharded():
-    return _two_steps([("data", 1)], "dp", jax.devices()[:1])
-
-
-def test_queues_are_fifo_across_steps(unsharded):
-    _, _, after_one, after_two, expected_rows = unsharded
+def test_queues_are_fifo_across_steps(tiny):
+    """Each step writes its batch's momentum image embeddings at the pointer: step 1 -> rows 0-7,
+    step 2 -> rows 8-15, and the pointer wraps to 0 (queue of 16, batch of 8)."""
+    task, train_loss, params, extra = tiny
+    _, (_, after_one) = train_loss(params, extra, _batch(1), jax.random.key(2))
+    _, (_, after_two) = train_loss(params, after_one, _batch(2), jax.random.key(3))
     assert int(after_one["queue"]["pointer"]) == 8 and int(after_two["queue"]["pointer"]) == 0
-    np.testing.assert_allclose(after_one["queue"]["image"][:8], expected_rows, atol=1e-6)   # step 1 -> rows 0-7
+    expected_rows = task.embed_images(after_one["ema_params"], _batch(1)["image"])
+    np.testing.assert_allclose(after_one["queue"]["image"][:8], expected_rows, atol=1e-6)
     np.testing.assert_array_equal(after_two["queue"]["image"][:8], after_one["queue"]["image"][:8])
-    assert not np.array_equal(after_two["queue"]["image"][8:], after_one["queue"]["image"][8:])   # step 2 -> 8-15
+    np.testing.assert_allclose(after_two["queue"]["image"][8:],
+                               task.embed_images(after_two["ema_params"], _batch(2)["image"]), atol=1e-6)
     assert int(after_two["distill_step"]) == 2
 
 
-def _assert_trees_close(got, want, what):
-    """Close leaf by leaf; the absolute tolerance scales with the leaf's largest value (gradients of
-    the class token reach ~10, and float32 sums in another order differ by ~1e-6 of that)."""
-    assert jax.tree.structure(got) == jax.tree.structure(want), what
-    for (path, b), a in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
-        atol = ATOL * max(1.0, float(np.max(np.abs(b), initial=0.0)))
-        np.testing.assert_allclose(a, b, rtol=RTOL, atol=atol, err_msg=f"{what} {jax.tree_util.keystr(path)}")
+def test_fsdp_tp_step_equals_one_device(tiny):
+    """Loss, every gradient and every leaf of the new extra state (momentum model, queues with
+    the global batch's embeddings, α step) under fsdp_tp equal one device's; the ITM hard
+    negatives are drawn from the global batch's similarities on both."""
+    from sharded_equality import assert_trees_close, fsdp_tp_loss_and_grads, loss_and_grads
 
-
-@pytest.mark.parametrize("preset", list(MESHES))
-def test_sharded_step_equals_one_device(unsharded, preset):
-    loss, grads, after_one, after_two, _ = _two_steps(MESHES[preset], preset, jax.devices())
-    np.testing.assert_allclose(loss, unsharded[0], rtol=RTOL)
-    _assert_trees_close(grads, unsharded[1], "gradient")
-    _assert_trees_close(after_one, unsharded[2], "extra state after step 1")
-    _assert_trees_close(after_two, unsharded[3], "extra state after step 2")
-    worst = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(unsharded[1])))
-    print(f"{preset}: max |grad diff| {worst:.2g}")
+    task, _, params, extra = tiny
+    want, got = (fn(task, params, extra, _batch(1), jax.random.key(1))
+                 for fn in (loss_and_grads, fsdp_tp_loss_and_grads))
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=2e-5)
+    worst = assert_trees_close(got["grads"], want["grads"], "gradient")
+    assert_trees_close(got["extra"], want["extra"], "extra state")
+    assert got["unsharded"] < 1.0 and int(got["extra"]["queue"]["pointer"]) == 8
+    print(f"fsdp_tp: max |grad diff| {worst:.2g}")
 
 
 # --- Analytic FLOPs -----------------------------------------------------------------------------

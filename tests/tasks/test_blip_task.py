@@ -3,8 +3,8 @@
 * config errors name the problem (unknown keys, queue not a multiple of the batch, tokenizer /
   model vocabulary mismatch, text longer than the context);
 * one train step (ITC with momentum + queue + distillation, ITM on hard negatives, LM) under
-  dp / fsdp / fsdp_tp on 8 simulated CPU devices equals the one-device step: loss, every
-  gradient and every leaf of the new extra state (momentum towers, queues, α step);
+  fsdp_tp on 8 simulated CPU devices equals the one-device step: loss, every gradient and every
+  leaf of the new extra state (momentum towers, queues, α step);
 * the predict functions keep the evaluators' contract (shapes, [ENC]/[DEC] handling, captions
   that decode, beam and nucleus search);
 * the analytic training FLOPs match XLA's count of the compiled step.
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import configs, sharding, tasks, train
+from mmjax import configs, tasks
 from mmjax.models import blip, vit
 
 SPEC = "experiments/blip/shapes.py:smoke=True"
@@ -67,54 +67,23 @@ def test_unknown_keys_are_refused():
 
 # --- sharded == one device ----------------------------------------------------------------------
 
-MESHES = {"dp": [("data", 8)], "fsdp": [("data", 2), ("fsdp", 4)],
-          "fsdp_tp": [("data", 2), ("fsdp", 2), ("tensor", 2)]}
-RTOL, ATOL = 2e-5, 2e-6
+def test_fsdp_tp_step_equals_one_device(task_and_params):
+    from sharded_equality import assert_trees_close, fsdp_tp_loss_and_grads, loss_and_grads
 
-
-def _one_step(mesh_spec, preset, devices):
-    """(loss, grads, new extra state, metrics) of train_loss on batch 1, on host."""
-    task = tasks.get_task(_config())
-    mesh, rules = sharding.make_mesh(mesh_spec, devices), sharding.get_rules(preset)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        variables, _ = sharding.init_sharded(task.init_variables, mesh, rules, jax.random.key(0), _batch(0))
-        params = variables["params"]
-        extra, _ = train.init_extra_state(task, params, mesh, rules, jax.random.key(0), _batch(0))
-        fn = jax.jit(jax.value_and_grad(lambda p, e, b: task.train_loss(p, e, b, jax.random.key(3)), has_aux=True))
-        batch = jax.device_put(_batch(1), sharding.batch_sharding(mesh))
-        (loss, (metrics, new_extra)), grads = fn(params, extra, batch)
-        fraction = sharding.unsharded_fraction(params)
-        return float(loss), jax.device_get(grads), jax.device_get(new_extra), jax.device_get(metrics), fraction
-
-
-@pytest.fixture(scope="module")
-def unsharded():
-    return _one_step([("data", 1)], "dp", jax.devices()[:1])
-
-
-def _assert_trees_close(got, want, what):
-    """Leaf by leaf; absolute tolerance relative to the leaf's largest entry (float32 sums in
-    another order: a gradient leaf reaching 4 differs by a few 1e-6 in its small entries)."""
-    assert jax.tree.structure(got) == jax.tree.structure(want), what
-    for (path, b), a in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
-        atol = ATOL * max(1.0, float(np.max(np.abs(b), initial=0.0)))
-        np.testing.assert_allclose(a, b, rtol=RTOL, atol=atol, err_msg=f"{what} {jax.tree_util.keystr(path)}")
-
-
-@pytest.mark.parametrize("preset", list(MESHES))
-def test_sharded_step_equals_one_device(unsharded, preset):
-    loss, grads, extra, metrics, fraction = _one_step(MESHES[preset], preset, jax.devices())
-    want_loss, want_grads, want_extra, want_metrics, _ = unsharded
-    np.testing.assert_allclose(loss, want_loss, rtol=RTOL)
+    task, params = task_and_params
+    extra = nn.meta.unbox(task.init_extra_state(params, jax.random.key(1)))
+    want, got = (fn(task, params, extra, _batch(1), jax.random.key(3))
+                 for fn in (loss_and_grads, fsdp_tp_loss_and_grads))
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=2e-5)
     for name in ("itc_loss", "itm_loss", "lm_loss", "itm_accuracy"):
-        np.testing.assert_allclose(metrics[name], want_metrics[name], rtol=RTOL, atol=ATOL, err_msg=name)
-    _assert_trees_close(grads, want_grads, "gradient")
-    _assert_trees_close(extra, want_extra, "extra state")
+        np.testing.assert_allclose(got["metrics"][name], want["metrics"][name], rtol=2e-5, atol=2e-6, err_msg=name)
+    worst = assert_trees_close(got["grads"], want["grads"], "gradient")
+    assert_trees_close(got["extra"], want["extra"], "extra state")
+    extra = got["extra"]
     assert int(extra["queue"]["pointer"]) == BATCH and int(extra["distill_step"]) == 1
     assert sorted(extra["momentum_params"]) == ["text_encoder", "text_proj", "vision_model", "vision_proj"]
-    assert (fraction == 1.0) == (preset == "dp"), fraction
-    worst = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)))
-    print(f"{preset}: loss {loss:.6f} (one device {want_loss:.6f}), max |grad diff| {worst:.2g}")
+    assert got["unsharded"] < 1.0
+    print(f"fsdp_tp: loss {got['loss']:.6f} (one device {want['loss']:.6f}), max |grad diff| {worst:.2g}")
 
 
 # --- predict functions --------------------------------------------------------------------------
