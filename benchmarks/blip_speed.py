@@ -341,17 +341,7 @@ def generation(s: Setup, warmup: int, steps: int, beams: tuple[int, ...] = (1, 3
                 return ref.generate(pixel_values=pixels, max_new_tokens=s.new_tokens, min_new_tokens=s.new_tokens,
                                     num_beams=num_beams, do_sample=False).numpy()
 
-        times: dict[str, list[float]] = {"mmjax": [], "torch": []}
-        first, tokens = {}, {}
-        for i in range(1 + warmup + steps):     # call 0 compiles (mmjax) / warms up (torch)
-            for side, fn in (("mmjax", mmjax_caption), ("torch", torch_caption)):
-                t = time.perf_counter()
-                tokens[side] = fn()
-                elapsed = time.perf_counter() - t
-                if i == 0:
-                    first[side] = elapsed
-                elif i > warmup:
-                    times[side].append(elapsed)
+        first, times, tokens = timing.in_turns({"mmjax": mmjax_caption, "torch": torch_caption}, warmup, steps)
         generated = s.batch * s.new_tokens
         row = {"workload": f"{s.name} caption", "num_beams": num_beams, "new_tokens": s.new_tokens,
                "same_tokens": tokens["mmjax"].shape == tokens["torch"].shape

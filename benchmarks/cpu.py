@@ -8,6 +8,9 @@ allocator that does not page-fault fresh buffers in on every step (see mmjax/all
 Opt-in sections: `blip` (BLIP-B train step and captions vs transformers, benchmarks/blip_speed.py)
 and `blip_memory` (per-device memory of the ALBEF / BLIP pretraining recipes, benchmarks/fusion_memory.py):
   python -m benchmarks.cpu --allocator hugepages --sections blip,blip_memory --out benchmarks/results/blip_cpu.json
+and `llm` (LLaMA-structure greedy generation with a KV cache vs transformers, benchmarks/llm_generation.py;
+the frozen-LLM memory is benchmarks/llm_memory.py, run on its own):
+  python -m benchmarks.cpu --allocator hugepages --sections llm --out benchmarks/results/llm_cpu.json
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ import time
 
 from mmjax import allocator
 
-SECTIONS = ("speed", "flip", "scaling", "memory", "blip", "blip_memory")
-DEFAULT_SECTIONS = SECTIONS[:4]   # blip, blip_memory: BLIP-B vs transformers, fusion recipes' memory (opt-in)
+SECTIONS = ("speed", "flip", "scaling", "memory", "blip", "blip_memory", "llm")
+DEFAULT_SECTIONS = SECTIONS[:4]   # blip, blip_memory, llm: vs transformers, fusion recipes' memory (opt-in)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,6 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.memory_recipes:
             extra += ["--recipes", *args.memory_recipes]
         results["fusion_memory"] = sharding_memory(args.smoke, "benchmarks.fusion_memory", extra)
+    if "llm" in args.sections:
+        from benchmarks import llm_generation
+        results["llm"] = llm_generation.run(args)
     results["total_time_s"] = time.perf_counter() - t0
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -134,6 +134,15 @@ def fusion_memory_table(results: dict) -> str:
     return markdown_table(header, rows)
 
 
+def llm_generation_table(results: dict) -> str:
+    header = ["model", "batch", "prompt", "new tokens", "mmjax tokens/s", "transformers tokens/s",
+              "ratio mmjax÷transformers", "mmjax compile s", "mmjax steady s", "transformers s", "same tokens"]
+    rows = [[r["workload"], r["batch"], r["prompt_length"], r["new_tokens"], r["mmjax"]["tokens_per_sec"],
+             r["torch"]["tokens_per_sec"], r["ratio"], r["mmjax"]["compile_s"], r["mmjax"]["step_time_s"],
+             r["torch"]["step_time_s"], r["same_tokens"]] for r in results["llm"]["generation"]]
+    return markdown_table(header, rows)
+
+
 def render(results: dict) -> str:
     env = results["environment"]
     parts = [(f"# mmjax benchmark ({env['device_kind']}, {env['cpu']}, {env['cpu_count']} cores, "
@@ -148,7 +157,9 @@ def render(results: dict) -> str:
                 ("blip", "BLIP-B caption generation (images encoded too): mmjax vs transformers, in turns",
                  blip_generation_table),
                 ("fusion_memory", "Fusion recipes' train step: memory per device on an 8-device CPU mesh",
-                 fusion_memory_table)]
+                 fusion_memory_table),
+                ("llm", "LLaMA-structure greedy generation with a KV cache: mmjax vs transformers, in turns",
+                 llm_generation_table)]
     for key, title, fn in sections:
         if results.get(key):
             parts += [f"\n## {title}\n", fn(results)]

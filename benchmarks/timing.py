@@ -117,3 +117,22 @@ def time_jax_interleaved(runs: dict[str, tuple], warmup: int, steps: int, batch:
     for name in runs:
         out[name].update(summarize(times[name], batch))
     return out
+
+
+def in_turns(sides: dict[str, Callable[[], Any]], warmup: int, steps: int) -> tuple[dict, dict, dict]:
+    """Runs each side's function in turns, `1 + warmup + steps` rounds, so that a busy machine's
+    slow spells hit both sides alike: (the first call's seconds (mmjax compiles there, torch warms
+    up), the timed calls' seconds after `warmup` more rounds, the last outputs), each by side."""
+    first: dict[str, float] = {}
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    outputs: dict[str, Any] = {}
+    for i in range(1 + warmup + steps):
+        for side, fn in sides.items():
+            start = time.perf_counter()
+            outputs[side] = fn()
+            elapsed = time.perf_counter() - start
+            if i == 0:
+                first[side] = elapsed
+            elif i > warmup:
+                times[side].append(elapsed)
+    return first, times, outputs

@@ -82,6 +82,17 @@ def clip_pp(size: int) -> str:
     return f"resize_small({size}, 'bicubic')|central_crop({size})|normalize('clip')"
 
 
+def siglip_pp(size: int) -> str:
+    """SigLIP's (open_clip / big_vision): the whole image squashed to size × size, values in [-1, 1]
+    (mean = std = 0.5)."""
+    return f"resize({size}, 'bicubic')|value_range(-1,1)"
+
+
+def is_siglip(model_config: Mapping) -> bool:
+    """A CLIP-class model with SigLIP's learned logit bias."""
+    return model_config["class"] == CLIP_CLASS and model_config["fields"].get("logit_bias_init") is not None
+
+
 def hf_pp(processor: Mapping) -> str | None:
     """A transformers preprocessor_config.json as a pp string; None when it says nothing usable."""
     ops = []
@@ -137,13 +148,13 @@ def for_source(model_config: Mapping, hf_processor: Mapping | None = None) -> di
     """Inference keys of a converted checkpoint, from its source library and model."""
     source, size = model_config.get("source") or {}, image_size(model_config)
     library, out = source.get("library"), dict.fromkeys(KEYS)
-    clip = model_config["class"] == CLIP_CLASS
-    if clip:
+    clip, siglip = model_config["class"] == CLIP_CLASS, is_siglip(model_config)
+    if clip and not siglip:   # SigLIP's SentencePiece tokenizer is not carried over: none is recorded
         out["tokenizer"] = {"name": "clip", "context_length": int(model_config["fields"]["text"]["context_length"])}
     if size is None or library not in ("timm", "open_clip", "hf"):
         return out
     if clip:
-        out["preprocess"] = clip_pp(size)
+        out["preprocess"] = siglip_pp(size) if siglip else clip_pp(size)
     elif library == "timm":
         out["preprocess"] = None        # resolved by `spec` when used (timm's table imports torch)
     else:

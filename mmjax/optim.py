@@ -10,6 +10,10 @@ Config pieces (ConfigDicts or plain dicts)::
 by ``layer_decay ** (L + 1 - layer_id)``: embeddings have id 0, block i has id i + 1 and the
 rest (final norm, head) L + 1, where L is the number of blocks.
 
+``optimizer.lr_multipliers`` (e.g. ``(("^head/", 10.0),)``: ViLT's VQA head learns at 10× the
+rate, as its ``lr_mult``) scales the update of every parameter whose path matches a regex by its
+factor (the first match counts), as a PyTorch parameter group with a larger lr would.
+
 Parameter paths are the pytree keys joined by '/' (mmjax.param_paths), e.g.
 ``image/encoder/layer_0/attn/query/kernel``. Params are expected as plain
 arrays (the trainer unboxes flax ``nn.LogicallyPartitioned`` before building
@@ -51,7 +55,7 @@ DEFAULT_WD_EXCLUDE: tuple[str, ...] = (
     r"cls",  # Class tokens.
 )
 
-_COMMON_KEYS = ("name", "weight_decay", "grad_clip_norm", "freeze", "wd_exclude", "layer_decay")
+_COMMON_KEYS = ("name", "weight_decay", "grad_clip_norm", "freeze", "wd_exclude", "layer_decay", "lr_multipliers")
 # Keys each optimizer reads besides the common ones.
 OPTIMIZERS: dict[str, tuple[str, ...]] = {
     "adamw": ("b1", "b2", "eps", "mu_dtype"),
@@ -119,6 +123,38 @@ def _scale_by_layer_decay(decay: float, num_blocks: int) -> optax.GradientTransf
         ids = layer_ids(updates, num_blocks)
         scale = lambda u, i: u * jnp.power(decay, num_blocks + 1 - i).astype(u.dtype)  # noqa: E731
         return jax.tree.map(scale, updates, ids), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _lr_multipliers(value: Any, params: Any) -> list[tuple[re.Pattern, float]]:
+    """[(regex, factor), ...] from ``optimizer.lr_multipliers``; every regex must match a parameter."""
+    pairs = list(value.items()) if isinstance(value, Mapping) else list(value or ())
+    names = jax.tree.leaves(path_strings(params))
+    out = []
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise ValueError(f"optimizer.lr_multipliers takes (regex, factor) pairs, got {pair!r}")
+        regex, factor = re.compile(pair[0]), float(pair[1])
+        if factor <= 0:
+            raise ValueError(f"optimizer.lr_multipliers factor for {pair[0]!r} must be positive, got {factor}")
+        if not any(regex.search(name) for name in names):
+            raise ValueError(f"optimizer.lr_multipliers regex {pair[0]!r} matches no parameter "
+                             f"(paths look like: {', '.join(names[:5])}, ...)")
+        out.append((regex, factor))
+    return out
+
+
+def _scale_by_lr_multipliers(multipliers: list[tuple[re.Pattern, float]]) -> optax.GradientTransformation:
+    """Multiplies each update by the factor of the first regex its path matches (else 1)."""
+
+    def factor(path: str, leaf: Any) -> float:
+        return next((f for regex, f in multipliers if regex.search(path)), 1.0)
+
+    def update(updates, state, params=None):
+        del params
+        factors = param_paths.map_with_paths(factor, updates)
+        return jax.tree.map(lambda u, f: u if f == 1.0 else u * jnp.asarray(f, u.dtype), updates, factors), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -246,7 +282,7 @@ def build_optimizer(
 
     tx = [freeze: set_to_zero on frozen leaves] + for the rest:
     clip_by_global_norm(grad_clip_norm) -> optimizer -> masked weight decay
-    -> -lr(step) [-> × layer_decay ** (L + 1 - layer id)].
+    -> -lr(step) [-> × layer_decay ** (L + 1 - layer id)] [-> × lr_multipliers' factor].
     "adamw" follows optax.adamw: update = -lr * (adam + wd * param).
     Clipping sees only trainable grads, so frozen grads never shrink the rest.
     Frozen leaves keep no optimizer state, and tx also takes the trainable partition alone
@@ -270,6 +306,9 @@ def build_optimizer(
         if not 0.0 < float(layer_decay) <= 1.0:
             raise ValueError(f"optimizer.layer_decay must be in (0, 1], got {layer_decay}")
         tx = optax.chain(tx, _scale_by_layer_decay(float(layer_decay), _num_blocks(params)))
+    multipliers = _lr_multipliers(cfg.get("lr_multipliers"), params)
+    if multipliers:
+        tx = optax.chain(tx, _scale_by_lr_multipliers(multipliers))
     clip = cfg.get("grad_clip_norm")
     if clip:
         tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)

@@ -23,6 +23,9 @@ TRAIN_CONFIG = "config.json"
 # which= -> the train-state key that holds those parameters. "ema_params" is task-owned extra
 # state (mmjax/tasks/base.py), e.g. the momentum encoder of the contrastive_momentum task.
 WHICH = {"params": "params", "ema": "ema_params"}
+# A momentum copy of some top-level parameter subtrees only (BLIP's momentum towers): which="ema" of
+# such a run is the online parameters with those subtrees replaced by their momentum copies.
+PARTIAL_EMA = "momentum_params"
 
 
 def is_run(path: str) -> bool:
@@ -138,6 +141,17 @@ def resolve_step(workdir: str, step: int | None = None) -> int:
     return int(paths.basename(checkpoint.resolve_step_dir(workdir, step)))
 
 
+def _with_momentum_towers(workdir: str, step: int) -> dict:
+    """The online parameters with each subtree the task keeps a momentum copy of replaced by it."""
+    state = checkpoint.load_train_state(workdir, step, keys=("params", PARTIAL_EMA))
+    params, towers = dict(state["params"]), state[PARTIAL_EMA]
+    unknown = sorted(set(towers) - set(params))
+    if unknown:
+        raise ValueError(f"The run {workdir} step {step}: state/{PARTIAL_EMA} holds {unknown}, which are not "
+                         f"parameter subtrees ({sorted(params)})")
+    return {**params, **towers}
+
+
 def read_params(workdir: str, step: int | None = None, which: str = "params") -> tuple[dict, dict, int]:
     """(model_config, the model's params as nested host arrays, step) of a run: only the
     state's `which` parameters are read, and of those only the model's subtree."""
@@ -149,8 +163,11 @@ def read_params(workdir: str, step: int | None = None, which: str = "params") ->
     try:
         params = checkpoint.load_train_state(workdir, step, keys=(key,))[key]
     except checkpoint.MissingStateError as e:
-        raise ValueError(f"The run {workdir} keeps no {which} parameters: its checkpoint at step {step} "
-                         f"has no state/{key} (it holds {e.available})") from e
+        if which == "ema" and PARTIAL_EMA in e.available:
+            params = _with_momentum_towers(workdir, step)
+        else:
+            raise ValueError(f"The run {workdir} keeps no {which} parameters: its checkpoint at step {step} "
+                             f"has no state/{key} (it holds {e.available})") from e
     subtree = model_config.get("params_key")
     if subtree:
         if subtree not in params:

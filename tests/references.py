@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-INSTALL = "pip install -e '.[test]'"
+INSTALL = "pip install -e '.[test]' && pip install --no-deps -r requirements-test-no-deps.txt"
 # import name -> distribution (pip) name, where the two differ
-DISTRIBUTIONS = {"dall_e": "dall-e", "open_clip": "open_clip_torch", "PIL": "pillow"}
+DISTRIBUTIONS = {"dall_e": "dall-e", "open_clip": "open_clip_torch", "PIL": "pillow", "open_flamingo": "open-flamingo"}
 
 
 def require(module: str) -> ModuleType:

@@ -32,6 +32,17 @@ def test_timm_pp_uses_the_models_pretrained_config():
     assert out.shape == (224, 224, 3) and out.dtype == np.float32 and -1 <= out.min() < out.max() <= 1
 
 
+def test_siglip_sources_get_siglips_transform_and_no_clip_tokenizer():
+    """A SigLIP (a CLIP with a logit bias) tokenizes with SentencePiece, which is not carried over:
+    no tokenizer is recorded (zero-shot then asks for one instead of using CLIP's BPE), and its
+    images are squashed to size and mapped to [-1, 1] as open_clip's SigLIP transform does."""
+    fields = {"image": {"patch_size": 16}, "text": {"context_length": 64}, "logit_bias_init": -10.0}
+    spec = inference_spec.for_source(_config("mmjax.models.clip.CLIP", 256, {"library": "open_clip"}, **fields))
+    assert spec["tokenizer"] is None and spec["preprocess"] == "resize(256, 'bicubic')|value_range(-1,1)"
+    out = _run(spec["preprocess"])
+    assert out.shape == (256, 256, 3) and -1 <= out.min() < out.max() <= 1
+
+
 def test_clip_sources_get_the_clip_transform_and_tokenizer():
     fields = {"image": {"patch_size": 16}, "text": {"context_length": 77}}
     for library in ("open_clip", "hf"):

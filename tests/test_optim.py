@@ -364,3 +364,33 @@ def test_layer_decay_with_freeze_and_errors():
         optim.build_optimizer(dict(name="sgd", layer_decay=0.5), dict(lr=1.0), 10, tiny_params())
     with pytest.raises(ValueError, match=r"layer_decay must be in \(0, 1\]"):
         optim.build_optimizer(dict(name="sgd", layer_decay=1.5), dict(lr=1.0), 10, params)
+
+
+# ---------------------------------------------------------------- per-parameter lr multipliers
+
+def test_lr_multipliers_scale_adamw_like_a_param_group_with_a_larger_lr():
+    """ViLT's VQA head at 10× the lr: its AdamW update (with decoupled wd) is the one a 10× lr
+    gives; the first matching regex counts; frozen parameters stay frozen."""
+    params = vit_like_params(scanned=False)
+    grads = jax.tree.map(lambda x: 0.3 * jnp.ones_like(x) + 0.1 * x, params)
+    multipliers = (("^head/", 10.0), ("^(head|norm)/", 3.0))
+    tx, _ = optim.build_optimizer(dict(ADAMW, lr_multipliers=multipliers, freeze="^cls$"), CONSTANT, 10, params)
+    got = _flat(jax.jit(tx.update)(grads, tx.init(params), params)[0])
+    plain, _ = optim.build_optimizer(dict(ADAMW), CONSTANT, 10, params)
+    ref = _flat(jax.jit(plain.update)(grads, plain.init(params), params)[0])
+    ten_x, _ = optim.build_optimizer(dict(ADAMW), dict(CONSTANT, lr=1.0), 10, params)
+    ref_10x = _flat(jax.jit(ten_x.update)(grads, ten_x.init(params), params)[0])
+    np.testing.assert_allclose(got["head/kernel"], ref_10x["head/kernel"], rtol=1e-6)
+    np.testing.assert_allclose(got["norm/scale"], 3.0 * ref["norm/scale"], rtol=1e-6)
+    np.testing.assert_allclose(got["encoder/layer_1/attn/kernel"], ref["encoder/layer_1/attn/kernel"], rtol=1e-6)
+    np.testing.assert_array_equal(got["cls"], 0.0)
+
+
+@pytest.mark.parametrize("value, message", [
+    ((("^nothing/", 10.0),), "matches no parameter"),
+    ((("^head/", 0.0),), "must be positive"),
+    (("^head/",), r"takes \(regex, factor\) pairs"),
+])
+def test_lr_multipliers_errors(value, message):
+    with pytest.raises(ValueError, match=message):
+        optim.build_optimizer(dict(ADAMW, lr_multipliers=value), CONSTANT, 10, vit_like_params(scanned=False))

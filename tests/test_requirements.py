@@ -1,5 +1,6 @@
 """The suite requires the test extra (`pip install -e '.[test]'`, as .ci/run installs it), so:
-every package the tests import is declared in setup.cfg (install_requires or the `test` extra),
+every package the tests import is declared in setup.cfg (install_requires or the `test` extra) or
+in requirements-test-no-deps.txt (references installed without their pinned dependencies),
 and no test skips when an import fails: a missing reference must fail the run, not quietly skip
 the parity test that needs it (tests/references.py raises a clear error instead)."""
 
@@ -26,6 +27,8 @@ def _declared() -> set[str]:
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
     lines = cfg["options"]["install_requires"].splitlines() + cfg["options.extras_require"]["test"].splitlines()
+    no_deps = (ROOT / "requirements-test-no-deps.txt").read_text().splitlines()   # installed with --no-deps
+    lines += [line for line in no_deps if not line.lstrip().startswith("#")]
     return {_normalize(re.match(r"[A-Za-z0-9._-]+", line.strip()).group()) for line in lines if line.strip()}
 
 

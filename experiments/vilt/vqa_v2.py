@@ -10,13 +10,12 @@ AdamW lr 1e-4, wd 0.01, batch 256, 10 epochs, warmup 10%, linear decay to 0, dro
 384, questions up to 40 tokens. Evaluation: the vqa evaluator's VQA v2 soft score on held-out
 questions (test-dev needs the evaluation server).
 
-Deviations: ViLT multiplies the head's learning rate by 10 (lr_mult); mmjax's optimizer has no
-per-parameter learning-rate multiplier yet, so the head trains at 1e-4. Images are resized to
-384×384 (ViLT: shorter side 384, longer ≤ 640). Data format: `data=dict(name="vqa_folder",
-image_dir=..., questions=...)`, a JSONL line per question {"image": path, "question": str,
-"answers": [10 annotator answers]}, as experiments/blip/vqa_v2.py (a source mmjax does not have
-yet: the recipe names the format it expects). The step count assumes VQA v2 train + val (443,757 +
-214,354 questions), which ViLT trains on less a 1,000-image minival [not re-checked].
+The head learns at 10× the rate (ViLT's lr_mult for `vqa_classifier`: `optimizer.lr_multipliers`).
+Deviations: images are resized to 384×384 (ViLT: shorter side 384, longer ≤ 640).
+Data format: `data=dict(name="vqa_folder", image_dir=..., questions=...)`, a JSONL line per
+question {"image": path, "question": str, "answers": [10 annotator answers]}, as
+experiments/blip/vqa_v2.py. The step count assumes VQA v2 train + val (443,757 + 214,354
+questions), which ViLT trains on less a 1,000-image minival [not re-checked].
 
 Expected: VQAv2 test-dev 71.26 (ViLT-B/32, 200k pretraining steps) [paper, Table 2].
 Hardware and time: ViLT fine-tunes on 8 V100s [paper; not re-checked].
@@ -56,7 +55,8 @@ def get_config(arg=None):
         tokenizer=dict(name="wordpiece", path=arg.vocab, context_length=TEXT_LEN),
         worker_count=0,
     )
-    c.optimizer = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+    c.optimizer = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
+                       lr_multipliers=((r"^vqa_head/", 10.0),))
     c.schedule = dict(lr=1e-4, warmup_steps=STEPS // 10, decay="linear", end_lr=0.0)
     c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
     c.sharding = "fsdp"

@@ -11,26 +11,50 @@ import json
 import numpy as np
 
 from mmjax import inference_spec, paths, pretrained, runs
-from mmjax.convert import albef, beit, bert, blip, clip, dvae, engine, io, library_configs, mae, vilt, vit
+from mmjax.convert import (
+    albef,
+    beit,
+    bert,
+    blip,
+    blip2,
+    blip2_lavis,
+    blip_official,
+    clip,
+    decoder_lm,
+    dvae,
+    engine,
+    io,
+    library_configs,
+    mae,
+    siglip,
+    t5,
+    vilt,
+    vit,
+)
 from mmjax.convert.export import Export, as_export
 
-SOURCES = ("timm", "open_clip", "hf", "dall_e", "albef")
+SOURCES = ("timm", "open_clip", "hf", "dall_e", "albef", "lavis", "blip")
 HF_ARCHITECTURES = {"ViTModel": vit.from_hf, "ViTForImageClassification": vit.from_hf, "CLIPModel": clip.from_hf,
+                    **dict.fromkeys(siglip.HF_ARCHITECTURES, siglip.from_hf),
                     "ViTMAEForPreTraining": mae.from_hf, "BeitForMaskedImageModeling": beit.from_hf,
                     "BeitForImageClassification": beit.from_hf, "FlavaImageCodebook": dvae.from_hf,
                     **dict.fromkeys(bert.HF_ARCHITECTURES, bert.from_hf),
                     **dict.fromkeys(vilt.HF_ARCHITECTURES, vilt.from_hf),
-                    **dict.fromkeys(blip.HF_ARCHITECTURES, blip.from_hf)}
-HF_MODEL_TYPES = {"vit": "ViTModel", "clip": "CLIPModel", "vit_mae": "ViTMAEForPreTraining",
+                    **dict.fromkeys(blip.HF_ARCHITECTURES, blip.from_hf),
+                    **dict.fromkeys(blip2.HF_ARCHITECTURES + blip2.LM_ARCHITECTURES, blip2.from_hf),
+                    **dict.fromkeys(decoder_lm.HF_ARCHITECTURES, decoder_lm.from_hf),
+                    **dict.fromkeys(t5.HF_ARCHITECTURES, t5.from_hf)}
+HF_MODEL_TYPES = {"vit": "ViTModel", "clip": "CLIPModel", "siglip": "SiglipModel", "vit_mae": "ViTMAEForPreTraining",
                   "flava_image_codebook": "FlavaImageCodebook", "bert": "BertModel",
-                  "vilt": "ViltModel"}
+                  "vilt": "ViltModel", "llama": "LlamaForCausalLM", "opt": "OPTForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "t5": "T5ForConditionalGeneration"}
 # (mmjax model class, target library) -> function(model_config) -> (table, HF config.json or None) or an
 # export.Export (when the target also stores fixed tensors or has no place for some parameters)
 EXPORTS = {
-    (vit.VIT, "timm"): vit.timm_export,
+    (vit.VIT, "timm"): siglip.vit_timm_export,    # a plain timm ViT, or a vit_*_siglip_* tower
     (vit.VIT, "hf"): vit.hf_export,
-    (clip.CLIP, "open_clip"): clip.open_clip_export,
-    (clip.CLIP, "hf"): clip.hf_export,
+    (clip.CLIP, "open_clip"): siglip.clip_open_clip_export,   # a CLIP, or a SigLIP's CustomTextCLIP
+    (clip.CLIP, "hf"): siglip.clip_hf_export,     # CLIPModel, or SiglipModel for a SigLIP
     (beit.BEIT, "timm"): beit.timm_export,
     (beit.BEIT, "hf"): beit.hf_export,
     (mae.MAE, "hf"): mae.hf_export,
@@ -43,6 +67,10 @@ EXPORTS = {
     (blip.CAPTIONER, "hf"): blip.hf_export,
     (blip.QUESTION_ANSWERING, "hf"): blip.hf_export,
     (albef.ALBEF, "albef"): albef.official_export,
+    **{(cls, "blip"): blip_official.official_export for cls in blip_official.TABLES},
+    **{(cls, "hf"): blip2.hf_export for cls in blip2.CLASSES.values()},
+    (decoder_lm.DECODER_LM, "hf"): decoder_lm.hf_export,
+    (t5.T5_CLASS, "hf"): t5.hf_export,
 }
 
 
@@ -83,8 +111,19 @@ def plan_import(source: str, checkpoint: str, model: str | None = None,
     if source == "albef":   # an official ALBEF checkpoint: the architecture is read from its shapes
         state = io.read_state_dict(checkpoint)
         return albef.from_official(state), state
+    if source == "blip":    # an official salesforce/BLIP checkpoint: the model and its sizes are read from its keys
+        state = io.read_state_dict(checkpoint)
+        return blip_official.from_official(state), state
+    if source == "lavis":   # a LAVIS BLIP-2 checkpoint: the model and its sizes are read from its keys and shapes
+        state = io.read_state_dict(checkpoint)
+        return blip2_lavis.from_lavis(state), state
     if not model:
         raise engine.ConversionError(f"--model is required for --source {source}")
+    if source == "timm" and siglip.is_timm_name(model):
+        siglip.timm_architecture(model)
+        args = timm_model_args if timm_model_args is not None else _sidecar_timm_args(checkpoint)
+        state = io.read_state_dict(checkpoint)
+        return siglip.from_timm(model, state, args), state
     if source == "timm":
         family = beit if model.startswith("beit") else vit
         family.timm_architecture(model)
@@ -100,9 +139,9 @@ def plan_import(source: str, checkpoint: str, model: str | None = None,
         dvae.dall_e_model(model)
         state = io.read_state_dict(checkpoint)
         return dvae.from_dall_e(model, state), state
-    clip.open_clip_config(model)
+    family = siglip if siglip.is_open_clip(clip.open_clip_config(model)) else clip   # ViT-*-SigLIP*: timm towers
     state = io.read_state_dict(checkpoint)
-    return clip.from_open_clip(model, state), state
+    return family.from_open_clip(model, state), state
 
 
 def import_checkpoint(source: str, checkpoint: str, output: str, model: str | None = None, *,
@@ -172,8 +211,8 @@ def export_checkpoint(target: str, path: str, output: str, step: int | None = No
         io.write_hf_folder(output, _with_inference(spec.hf_config, config), state)
         return state
     io.write_state_dict(output, state)
-    sidecar = (library_configs.open_clip_config(config) if target == "open_clip"
-               else library_configs.timm_vit_config(config) if target == "timm" else None)
+    sidecar = (siglip.open_clip_config(config) if target == "open_clip"
+               else siglip.timm_config(config) if target == "timm" else None)
     if sidecar is not None:
         with paths.open(library_configs.sidecar_path(output), "w") as f:
             json.dump(sidecar, f, indent=2)

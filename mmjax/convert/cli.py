@@ -21,14 +21,14 @@ import json
 import sys
 from collections.abc import Sequence
 
-EXPORT_TARGETS = ("timm", "open_clip", "hf", "dall_e", "albef")
+EXPORT_TARGETS = ("timm", "open_clip", "hf", "dall_e", "albef", "blip")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmjax-convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     direction = p.add_mutually_exclusive_group()
-    direction.add_argument("--source", choices=("timm", "open_clip", "hf", "dall_e", "albef"),
+    direction.add_argument("--source", choices=("timm", "open_clip", "hf", "dall_e", "albef", "lavis", "blip"),
                            help="convert a PyTorch checkpoint of this library into an mmjax model directory")
     direction.add_argument("--to", choices=EXPORT_TARGETS,
                            help="convert an mmjax model directory or training workdir into a state dict of "

@@ -163,6 +163,7 @@ def from_open_clip(name: str, state: dict[str, np.ndarray]) -> Plan:
 
 
 def _require_clip(fields: dict, target: str, text_pools: tuple[str, ...]) -> None:
+    require(fields, target, image_projection=True, text_proj_bias=False)   # SigLIP: see convert/siglip.py
     require(fields["image"], f"{target} (image tower)", pool="cls", posemb="learn", fc_norm=False,
             representation_size=None, layer_scale=None, qkv_bias=True, conv_stem=[])
     require(fields["text"], f"{target} (text tower)", causal=True)

@@ -64,3 +64,19 @@ def cross_keys_values(module: nn.Module, context: jax.Array | None,
         raise ValueError("Cross-attention without a context needs its keys/values in the cache: "
                          "pass the context on the first decoding call")
     return module.get_variable(COLLECTION, "cross_key"), module.get_variable(COLLECTION, "cross_value")
+
+
+class SlotCounter(nn.Module):
+    """The number of tokens earlier decoding calls wrote into the cache (a model's own position
+    counter, for positions computed outside attention): returns it and adds this call's `length`.
+    Stays 0 while initialising, as the attention cache."""
+
+    @nn.compact
+    def __call__(self, length: int) -> jax.Array:
+        initialized = self.has_variable(COLLECTION, "position")
+        written = self.variable(COLLECTION, "position", lambda: jnp.zeros((), jnp.int32))
+        if not initialized:
+            return jnp.zeros((), jnp.int32)
+        start = written.value
+        written.value = start + length
+        return start

@@ -5,6 +5,10 @@ shared embedding space, plus a learnable temperature. `encode_image` / `encode_t
 unnormalised projected embeddings (open_clip's convention); `__call__` returns a dict
 (mmjax.models.outputs) of both L2-normalised ("image_embeds", "text_embeds"), "logit_scale"
 (exp of the parameter, clipped at 100) and SigLIP's "logit_bias" when enabled.
+
+SigLIP's published models differ in three optional fields: the image embedding is the tower's
+pooled (MAP) output itself (`image_projection=False`), the text projection has a bias
+(`text_proj_bias`), and the temperature is not clipped (`max_logit_scale=None`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ class CLIP(nn.Module):
     text: Any = None                # dict of text.TextTransformer fields
     logit_scale_init: float = float(np.log(1 / 0.07))
     logit_bias_init: float | None = None   # set (SigLIP: -10) to add a learnable bias
+    image_projection: bool = True   # False: the pooled image output is the embedding (SigLIP)
+    text_proj_bias: bool = False    # SigLIP's text head is a Linear with a bias
+    max_logit_scale: float | None = MAX_LOGIT_SCALE   # None: no clip (SigLIP, big_vision)
     dtype: layers.Dtype = jnp.float32
 
     def setup(self):
@@ -53,11 +60,12 @@ class CLIP(nn.Module):
         self.visual = vit.ViT(**image_cfg)
         self.textual = text.TextTransformer(**text_cfg)
 
-        def proj(name):
-            return nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype, name=name,
-                            kernel_init=layers.dense_init(("embed", None), nn.initializers.lecun_normal()))
-        self.image_proj = proj("image_proj")
-        self.text_proj = proj("text_proj")
+        def proj(name, use_bias=False):
+            return nn.Dense(self.embed_dim, use_bias=use_bias, dtype=self.dtype, name=name,
+                            kernel_init=layers.dense_init(("embed", None), nn.initializers.lecun_normal()),
+                            bias_init=layers.dense_init((None,), nn.initializers.zeros))
+        self.image_proj = proj("image_proj") if self.image_projection else None
+        self.text_proj = proj("text_proj", self.text_proj_bias)
         self.logit_scale = self.param("logit_scale", nn.with_logical_partitioning(
             nn.initializers.constant(self.logit_scale_init), ()), ())
         if self.logit_bias_init is not None:
@@ -65,14 +73,22 @@ class CLIP(nn.Module):
                 nn.initializers.constant(self.logit_bias_init), ()), ())
 
     def encode_image(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        return self.image_proj(self.visual(images, train=train)["pooled"]).astype(jnp.float32)
+        pooled = self.visual(images, train=train)["pooled"]
+        if self.image_proj is None:
+            if pooled.shape[-1] != self.embed_dim:
+                raise ValueError(f"image_projection=False needs embed_dim ({self.embed_dim}) equal to the "
+                                 f"image tower's pooled width ({pooled.shape[-1]})")
+            return pooled.astype(jnp.float32)
+        return self.image_proj(pooled).astype(jnp.float32)
 
     def encode_text(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
         return self.text_proj(self.textual(tokens, train=train)["pooled"]).astype(jnp.float32)
 
     def scale(self) -> jax.Array:
-        """exp(logit_scale), clipped at MAX_LOGIT_SCALE (open_clip clamps the raw parameter)."""
-        return jnp.exp(jnp.clip(self.logit_scale, None, np.log(MAX_LOGIT_SCALE)))
+        """exp(logit_scale), clipped at max_logit_scale (open_clip clamps the raw parameter)."""
+        if self.max_logit_scale is None:
+            return jnp.exp(self.logit_scale)
+        return jnp.exp(jnp.clip(self.logit_scale, None, np.log(self.max_logit_scale)))
 
     def __call__(self, images: jax.Array, tokens: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
         """{"image_embeds", "text_embeds" (L2-normalised), "logit_scale"[, "logit_bias"]}."""
@@ -96,6 +112,6 @@ def forward_flops(model: CLIP, image_hw: tuple[int, int], text_length: int, batc
     out = {**flops.prefixed("image_", vit.forward_flops(image, image_hw, train)),
            **flops.prefixed("text_", text.forward_flops(txt, text_length))}
     image_width = image.representation_size or image.arch()["width"]
-    out["projections"] = flops.dense(1, image_width + txt.width, model.embed_dim)
+    out["projections"] = flops.dense(1, image_width * model.image_projection + txt.width, model.embed_dim)
     out["logits"] = flops.dense(1, model.embed_dim, batch_size) if batch_size else 0.0
     return out

@@ -94,6 +94,7 @@ class MAPHead(nn.Module):
     mlp_dim: int
     ln_eps: float = 1e-6
     dtype: layers.Dtype = jnp.float32
+    act: str = "gelu"               # the tower's activation, as timm, transformers and big_vision use
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -102,7 +103,7 @@ class MAPHead(nn.Module):
         probe = jnp.broadcast_to(probe.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
         x = layers.Attention(self.num_heads, dtype=self.dtype, name="attn")(probe, x)
         y = layers.LayerNorm(self.ln_eps, name="ln")(x)
-        x = x + layers.Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
+        x = x + layers.Mlp(self.mlp_dim, act=self.act, dtype=self.dtype, name="mlp")(y)
         return x[:, 0]
 
 
@@ -203,7 +204,7 @@ class ViT(nn.Module):
         elif self.pool == "gap":
             x = x[:, int(use_cls):].mean(axis=1)
         else:
-            x = MAPHead(arch["num_heads"], arch["mlp_dim"], self.ln_eps, self.dtype, name="map")(x)
+            x = MAPHead(arch["num_heads"], arch["mlp_dim"], self.ln_eps, self.dtype, self.act, name="map")(x)
         if self.fc_norm:
             x = layers.LayerNorm(self.ln_eps, name="norm")(x)
         if self.representation_size is not None:

@@ -20,6 +20,8 @@ _TASKS = {
     "blip_retrieval": "mmjax.tasks.blip_retrieval_finetune:BlipRetrievalTask",
     "blip_caption": "mmjax.tasks.blip_finetune:BlipCaptionTask",
     "blip_vqa": "mmjax.tasks.blip_finetune:BlipVqaTask",
+    "blip2_stage1": "mmjax.tasks.blip2:Blip2Stage1Task",
+    "blip2_stage2": "mmjax.tasks.blip2:Blip2Stage2Task",
 }
 
 

@@ -15,7 +15,8 @@ loss = itc + itm + lm. Config::
     loss = dict(label_smoothing=0.1, negative_floor=1e-4)
 
 Extra train state: "momentum_params" (the momentum towers only: vision_model, text_encoder,
-vision_proj, text_proj, as BLIP's model_pairs; so `mmjax.load(which="ema")` does not apply),
+vision_proj, text_proj, as BLIP's model_pairs; `mmjax.load(WORKDIR, which="ema")` gives the
+online parameters with these four replaced by their momentum copies, mmjax/runs.py),
 "queue" (image and text queues, pointer) and "distill_step" (the step count the α ramp reads).
 """
 

@@ -135,7 +135,8 @@ def test_bad_input(tmp_path, randomize, convert, capsys):
             "visual.conv1.weight: checkpoint has (64, 3, 8, 8), the model needs (64, 3, 16, 16)",
             "visual.positional_embedding: checkpoint has (17, 64), the model needs (5, 64)"]),
         ("ViT-B-17", ["Unknown open_clip model 'ViT-B-17'"]),
-        ("ViT-B-16-SigLIP", ["does not support", "vision_cfg.timm_model_name", "custom_text"]),
+        ("nllb-clip-base-siglip", ["does not support", "text_cfg.hf_model_name"]),   # ViT-*-SigLIP*: test_siglip.py
+        ("convnext_base", ["does not support", "vision_cfg.timm_model_name"]),
         ("RN50", ["ResNet towers are not supported"]),
     ]
     for name, messages in cases:

@@ -11,6 +11,10 @@ tokenizer says which id that is.
 * :class:`HFTokenizer`: any Hugging Face ``tokenizer.json`` via ``tokenizers``.
 * :class:`WordTokenizer`: a tiny closed-vocabulary word tokenizer for the
   embedded synthetic data set.
+* :class:`SentencePieceTokenizer`: LLaMA / Vicuna / T5 SentencePiece from a ``tokenizer.model``
+  (``sentencepiece``) or ``tokenizer.json``; :class:`GPT2BPETokenizer`: GPT-2 / OPT byte-level BPE.
+  Both pad on their family's side, return masks (``encode_padded``) and unpadded prompt ids
+  (``encode_batch``), id-for-id as transformers' tokenizers built from the same files.
 * :class:`WordPieceTokenizer`: BERT's WordPiece from a ``vocab.txt`` or
   ``tokenizer.json``, id-for-id as transformers' ``BertTokenizerFast``; a small
   vocabulary for the shapes data ships with the package.
@@ -25,13 +29,16 @@ from typing import Any
 
 from mmjax.data.tokenizers.base import Tokenizer
 from mmjax.data.tokenizers.clip_bpe import ClipTokenizer, default_clip_vocab_path
+from mmjax.data.tokenizers.gpt2_bpe import GPT2BPETokenizer
 from mmjax.data.tokenizers.hf import HFTokenizer
 from mmjax.data.tokenizers.shapes_vocab import default_shapes_vocab_path
+from mmjax.data.tokenizers.spm import SentencePieceTokenizer
 from mmjax.data.tokenizers.wordpiece import WordPieceTokenizer
 from mmjax.data.tokenizers.words import WordTokenizer
 
-__all__ = ["ClipTokenizer", "HFTokenizer", "Tokenizer", "WordPieceTokenizer", "WordTokenizer", "build_tokenizer",
-           "default_clip_vocab_path", "default_shapes_vocab_path"]
+__all__ = ["ClipTokenizer", "GPT2BPETokenizer", "HFTokenizer", "SentencePieceTokenizer", "Tokenizer",
+           "WordPieceTokenizer", "WordTokenizer", "build_tokenizer", "default_clip_vocab_path",
+           "default_shapes_vocab_path"]
 
 
 def _build_clip(spec: Mapping[str, Any]) -> ClipTokenizer:
@@ -67,6 +74,25 @@ def _build_shapes_wordpiece(spec: Mapping[str, Any]) -> WordPieceTokenizer:
     return WordPieceTokenizer(default_shapes_vocab_path(), spec.get("context_length", 32))
 
 
+_LM_OPTIONS = {"style", "add_bos", "add_eos", "padding_side", "pad_token_id", "truncate"}
+
+
+def _build_sentencepiece(spec: Mapping[str, Any]) -> SentencePieceTokenizer:
+    if "path" not in spec:
+        raise ValueError(f"tokenizer spec 'spm' needs 'path' (a tokenizer.model or tokenizer.json), "
+                         f"got {dict(spec)}")
+    options = {k: spec[k] for k in (*_LM_OPTIONS, "extra_ids") if k in spec}
+    return SentencePieceTokenizer(spec["path"], spec.get("context_length", 512), **options)
+
+
+def _build_gpt2_bpe(spec: Mapping[str, Any]) -> GPT2BPETokenizer:
+    if "path" not in spec:
+        raise ValueError(f"tokenizer spec 'gpt2_bpe' needs 'path' (a directory with vocab.json + merges.txt, a "
+                         f"tokenizer.json or a vocab.json), got {dict(spec)}")
+    options = {k: spec[k] for k in (*_LM_OPTIONS, "merges_path") if k in spec}
+    return GPT2BPETokenizer(spec["path"], spec.get("context_length", 512), **options)
+
+
 # name -> (builder, keys the spec may hold besides "name")
 _BUILDERS = {
     "clip": (_build_clip, {"vocab_path", "context_length"}),
@@ -74,6 +100,8 @@ _BUILDERS = {
     "shapes": (_build_shapes, {"context_length"}),
     "wordpiece": (_build_wordpiece, {"path", "context_length", *_WORDPIECE_OPTIONS}),
     "shapes_wordpiece": (_build_shapes_wordpiece, {"context_length"}),
+    "spm": (_build_sentencepiece, {"path", "context_length", "extra_ids", *_LM_OPTIONS}),
+    "gpt2_bpe": (_build_gpt2_bpe, {"path", "context_length", "merges_path", *_LM_OPTIONS}),
 }
 
 
@@ -85,7 +113,10 @@ def build_tokenizer(spec: Mapping[str, Any]) -> Tokenizer:
     (word tokenizer over ``mmjax.data.shapes.VOCAB``), "wordpiece" (path of a
     vocab.txt / tokenizer.json, context_length 512, the normalization options of
     :class:`WordPieceTokenizer`) and "shapes_wordpiece" (the shipped shapes
-    vocabulary, context_length 32). Unknown keys are
+    vocabulary, context_length 32), "spm" (SentencePiece: path of a tokenizer.model / tokenizer.json,
+    style "llama" or "t5", context_length 512) and "gpt2_bpe" (path of a directory / tokenizer.json /
+    vocab.json, style "opt" or "gpt2", context_length 512); both take add_bos, add_eos,
+    padding_side, pad_token_id and truncate overrides. Unknown keys are
     rejected so that typos in configs fail loudly.
     """
     if not isinstance(spec, Mapping):
