@@ -7,6 +7,7 @@ newest good checkpoint or `step`); `save_run` turns a run into a model directory
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -26,6 +27,8 @@ from mmjax.convert import (
     io,
     library_configs,
     mae,
+    minigpt4,
+    qwen,
     siglip,
     t5,
     vilt,
@@ -33,7 +36,8 @@ from mmjax.convert import (
 )
 from mmjax.convert.export import Export, as_export
 
-SOURCES = ("timm", "open_clip", "hf", "dall_e", "albef", "lavis", "blip")
+SOURCES = ("timm", "open_clip", "hf", "dall_e", "albef", "lavis", "blip", "minigpt4")
+MERGED_SOURCES = {"lavis": "opt_model.", "minigpt4": minigpt4.LM_PREFIX}   # several files -> one state dict
 HF_ARCHITECTURES = {"ViTModel": vit.from_hf, "ViTForImageClassification": vit.from_hf, "CLIPModel": clip.from_hf,
                     **dict.fromkeys(siglip.HF_ARCHITECTURES, siglip.from_hf),
                     "ViTMAEForPreTraining": mae.from_hf, "BeitForMaskedImageModeling": beit.from_hf,
@@ -42,7 +46,7 @@ HF_ARCHITECTURES = {"ViTModel": vit.from_hf, "ViTForImageClassification": vit.fr
                     **dict.fromkeys(vilt.HF_ARCHITECTURES, vilt.from_hf),
                     **dict.fromkeys(blip.HF_ARCHITECTURES, blip.from_hf),
                     **dict.fromkeys(blip2.HF_ARCHITECTURES + blip2.LM_ARCHITECTURES, blip2.from_hf),
-                    **dict.fromkeys(decoder_lm.HF_ARCHITECTURES, decoder_lm.from_hf),
+                    **dict.fromkeys(decoder_lm.HF_ARCHITECTURES, decoder_lm.from_hf), qwen.ARCHITECTURE: qwen.from_hf,
                     **dict.fromkeys(t5.HF_ARCHITECTURES, t5.from_hf)}
 HF_MODEL_TYPES = {"vit": "ViTModel", "clip": "CLIPModel", "siglip": "SiglipModel", "vit_mae": "ViTMAEForPreTraining",
                   "flava_image_codebook": "FlavaImageCodebook", "bert": "BertModel",
@@ -90,9 +94,10 @@ def _sidecar_timm_args(checkpoint: str) -> dict | None:
     return None
 
 
-def plan_import(source: str, checkpoint: str, model: str | None = None,
+def plan_import(source: str, checkpoint: str | Sequence[str], model: str | None = None,
                 timm_model_args: dict | None = None) -> tuple[engine.Plan, dict]:
     """(plan, state dict) for a source checkpoint; the model name is checked before the file is read.
+    lavis and minigpt4 take several files (see blip2_lavis.assemble), every other source one.
 
     timm ViTs: `timm_model_args` are the timm.create_model arguments the checkpoint was made with
     (its pooling: global_pool, fc_norm, class_token); None reads them from a timm config beside
@@ -101,6 +106,18 @@ def plan_import(source: str, checkpoint: str, model: str | None = None,
         raise engine.ConversionError("timm model arguments apply to --source timm only")
     if source not in SOURCES:
         raise engine.ConversionError(f"Unknown source {source!r}; known: {SOURCES}")
+    files = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
+    if source in MERGED_SOURCES:
+        state, notes, lm_config = blip2_lavis.assemble(files, MERGED_SOURCES[source])
+        if source == "lavis":
+            plan = blip2_lavis.from_lavis(state, lm_num_heads=(lm_config or {}).get("num_attention_heads"))
+        else:
+            plan = minigpt4.from_official(state, lm_config=lm_config)
+        plan.notes[:0] = notes
+        return plan, state
+    if len(files) != 1:
+        raise engine.ConversionError(f"--source {source} takes one checkpoint, got {len(files)}: {files}")
+    checkpoint = files[0]
     if source == "hf":
         config, state = io.read_hf_folder(checkpoint)
         arch = (config.get("architectures") or [HF_MODEL_TYPES.get(config.get("model_type"), "")])[0]
@@ -114,9 +131,6 @@ def plan_import(source: str, checkpoint: str, model: str | None = None,
     if source == "blip":    # an official salesforce/BLIP checkpoint: the model and its sizes are read from its keys
         state = io.read_state_dict(checkpoint)
         return blip_official.from_official(state), state
-    if source == "lavis":   # a LAVIS BLIP-2 checkpoint: the model and its sizes are read from its keys and shapes
-        state = io.read_state_dict(checkpoint)
-        return blip2_lavis.from_lavis(state), state
     if not model:
         raise engine.ConversionError(f"--model is required for --source {source}")
     if source == "timm" and siglip.is_timm_name(model):
@@ -144,7 +158,7 @@ def plan_import(source: str, checkpoint: str, model: str | None = None,
     return family.from_open_clip(model, state), state
 
 
-def import_checkpoint(source: str, checkpoint: str, output: str, model: str | None = None, *,
+def import_checkpoint(source: str, checkpoint: str | Sequence[str], output: str, model: str | None = None, *,
                       scan: bool = False, overwrite: bool = False,
                       timm_model_args: dict | None = None) -> engine.Plan:
     """Converts a PyTorch checkpoint into an mmjax model directory (see mmjax.pretrained);
@@ -159,7 +173,8 @@ def import_checkpoint(source: str, checkpoint: str, output: str, model: str | No
         module = pretrained.build(plan.model_class, fields)
         flat = engine.stack_layers(flat)
     described = {"class": plan.model_class, "fields": plan.fields, "inputs": plan.inputs, "source": plan.source}
-    processor = paths.join(checkpoint, "preprocessor_config.json") if source == "hf" else ""
+    folder = checkpoint if isinstance(checkpoint, str) else checkpoint[0]
+    processor = paths.join(folder, "preprocessor_config.json") if source == "hf" else ""
     processed = _read_json(processor) if processor and paths.isfile(processor) else None
     inference = inference_spec.for_source(described, processed)
     pretrained.save(output, module, engine.unflatten(flat), plan.inputs, plan.source, overwrite=overwrite,

@@ -28,7 +28,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from mmjax.convert import blip2, decoder_lm
+from mmjax import paths
+from mmjax.convert import blip2, decoder_lm, io
 from mmjax.convert.engine import (
     HEADS_BIAS,
     HEADS_IN,
@@ -46,13 +47,14 @@ from mmjax.models import decoder_lm as decoder_lm_models
 from mmjax.pretrained import input_spec
 
 EVA_G_HEAD_DIM = 88
+EVA_G_BLIP2_DEPTH = 39    # BLIP-2 (and MiniGPT-4) build EVA ViT-g with 39 of its 40 blocks
 BERT_HEAD_DIM = 64
 _VISION_LAYER = re.compile(r"visual_encoder\.blocks\.(\d+)\.")
 _QFORMER_LAYER = re.compile(r"Qformer\.bert\.encoder\.layer\.(\d+)\.")
 _OPT_LAYER = re.compile(r"opt_model\.model\.decoder\.layers\.(\d+)\.")
 _IGNORE = (r".*position_ids",)
 _UNSUPPORTED = {"t5_model.": "blip2_t5 (Flan-T5)", "llm_model.": "InstructBLIP / blip2_vicuna_instruct",
-                "llama_model.": "a LLaMA-based LAVIS model"}
+                "llama_model.": "MiniGPT-4 (use --source minigpt4)"}
 
 
 def vision_rules(dst: str = "vision_model") -> list[Rule]:
@@ -73,18 +75,18 @@ def vision_rules(dst: str = "vision_model") -> list[Rule]:
             *norm("ln_vision", f"{dst}/norm")]
 
 
-def _towers() -> list[Rule]:
+def tower_rules() -> list[Rule]:
     return [*vision_rules(), rule("query_tokens", "query_tokens"),
             *blip2.qformer_rules("Qformer.bert", "qformer", inner="self", embeddings_norm="embeddings.LayerNorm")]
 
 
-def _shape(state: Mapping, key: str) -> tuple[int, ...]:
+def shape_of(state: Mapping, key: str) -> tuple[int, ...]:
     if key not in state:
-        raise ConversionError(f"Not a LAVIS BLIP-2 checkpoint: it has no {key}")
+        raise ConversionError(f"Not a LAVIS BLIP-2 / MiniGPT-4 checkpoint: it has no {key}")
     return tuple(np.shape(state[key]))
 
 
-def _count(state: Mapping, pattern: re.Pattern) -> int:
+def count_layers(state: Mapping, pattern: re.Pattern) -> int:
     return 1 + max((int(m[1]) for k in state if (m := pattern.match(k))), default=-1)
 
 
@@ -95,36 +97,70 @@ def _heads(width: int, head_dim: int, what: str) -> int:
     return width // head_dim
 
 
+def _bare_eva(state: Mapping) -> bool:
+    return "blocks.0.attn.qkv.weight" in state and not any(k.startswith("visual_encoder.") for k in state)
+
+
+def assemble(files: list[str], lm_prefix: str) -> tuple[dict[str, np.ndarray], list[str], dict | None]:
+    """One state dict from the files a LAVIS-style model is loaded from (the released checkpoints
+    keep trained parameters only): LAVIS / MiniGPT-4 files as they are, a transformers folder (the
+    LM) under `lm_prefix` ("opt_model.", "llama_model."), and EVA's own ViT file (eva_vit_g.pth:
+    `blocks.*`, no prefix) under `visual_encoder.`, its 40th block left out as BLIP-2's
+    create_eva_vit_g builds 39. Returns (state, notes, the LM folder's config.json or None); a key
+    two files give differently is an error."""
+    state: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}
+    notes, lm_config = [], None
+    for path in files:
+        if paths.isdir(path):
+            lm_config, part = io.read_hf_folder(path)
+            part = {lm_prefix + k: v for k, v in part.items()}
+        else:
+            part = io.read_state_dict(path)
+            if _bare_eva(part):
+                kept = {k: v for k, v in part.items()
+                        if not (m := re.match(r"blocks\.(\d+)\.", k)) or int(m[1]) < EVA_G_BLIP2_DEPTH}
+                if len(kept) < len(part):
+                    notes.append(f"{path}: EVA blocks from {EVA_G_BLIP2_DEPTH} on left out (BLIP-2 uses "
+                                 f"{EVA_G_BLIP2_DEPTH})")
+                part = {"visual_encoder." + k: v for k, v in kept.items()}
+        for key, value in part.items():
+            if key in state and (np.shape(state[key]) != np.shape(value) or not np.array_equal(state[key], value)):
+                raise ConversionError(f"{key} differs between {origin[key]} and {path}")
+            state[key], origin[key] = value, path
+    return state, notes, lm_config
+
+
 def vision_fields(state: Mapping, head_dim: int = EVA_G_HEAD_DIM) -> dict:
-    width = _shape(state, "visual_encoder.cls_token")[-1]
-    patch = _shape(state, "visual_encoder.patch_embed.proj.weight")[-1]
-    return {"variant": None, "width": width, "depth": _count(state, _VISION_LAYER),
+    width = shape_of(state, "visual_encoder.cls_token")[-1]
+    patch = shape_of(state, "visual_encoder.patch_embed.proj.weight")[-1]
+    return {"variant": None, "width": width, "depth": count_layers(state, _VISION_LAYER),
             "num_heads": _heads(width, head_dim, "The vision encoder's"),
-            "mlp_dim": _shape(state, "visual_encoder.blocks.0.mlp.fc1.weight")[0], "patch_size": patch,
+            "mlp_dim": shape_of(state, "visual_encoder.blocks.0.mlp.fc1.weight")[0], "patch_size": patch,
             "ln_eps": 1e-6, "act": "gelu", "qkv_bias": "visual_encoder.blocks.0.attn.q_bias" in state}
 
 
-def _image_input(state: Mapping, patch: int) -> dict:
-    grid = round((_shape(state, "visual_encoder.pos_embed")[1] - 1) ** 0.5)
+def image_input(state: Mapping, patch: int) -> dict:
+    grid = round((shape_of(state, "visual_encoder.pos_embed")[1] - 1) ** 0.5)
     return input_spec((1, grid * patch, grid * patch, 3))
 
 
 def qformer_fields(state: Mapping, head_dim: int = BERT_HEAD_DIM) -> dict:
-    _, num_queries, width = _shape(state, "query_tokens")
-    depth = _count(state, _QFORMER_LAYER)
+    _, num_queries, width = shape_of(state, "query_tokens")
+    depth = count_layers(state, _QFORMER_LAYER)
     crossing = [i for i in range(depth) if f"Qformer.bert.encoder.layer.{i}.crossattention.self.key.weight" in state]
     frequency = crossing[1] - crossing[0] if len(crossing) > 1 else depth
     if not crossing or crossing != list(range(0, depth, frequency)):
         raise ConversionError(f"Q-Former cross-attention in layers {crossing}: expected every n-th layer from 0")
     return {"width": width, "depth": depth, "num_heads": _heads(width, head_dim, "The Q-Former's"),
-            "mlp_dim": _shape(state, "Qformer.bert.encoder.layer.0.intermediate_query.dense.weight")[0],
+            "mlp_dim": shape_of(state, "Qformer.bert.encoder.layer.0.intermediate_query.dense.weight")[0],
             "num_queries": num_queries, "cross_attention_frequency": frequency, "act": "gelu", "ln_eps": 1e-12}
 
 
 def opt_fields(state: Mapping, num_heads: int | None = None) -> dict:
     """DecoderLM fields of LAVIS's `opt_model` (OPTForCausalLM); heads: given or the published OPT's."""
-    vocab, width = _shape(state, "opt_model.model.decoder.embed_tokens.weight")
-    depth = _count(state, _OPT_LAYER)
+    vocab, width = shape_of(state, "opt_model.model.decoder.embed_tokens.weight")
+    depth = count_layers(state, _OPT_LAYER)
     if "opt_model.model.decoder.project_in.weight" in state:
         raise ConversionError("opt_model has project_in / project_out (word_embed_proj_dim < hidden_size): opt_proj "
                               "cannot feed its narrower word embeddings")
@@ -135,8 +171,8 @@ def opt_fields(state: Mapping, num_heads: int | None = None) -> dict:
                                   f"{sorted(known)}: pass its number of heads")
         num_heads = known[width, depth]
     return {"kind": "opt", "width": width, "depth": depth, "num_heads": num_heads,
-            "mlp_dim": _shape(state, "opt_model.model.decoder.layers.0.fc1.weight")[0], "vocab_size": vocab,
-            "max_len": _shape(state, "opt_model.model.decoder.embed_positions.weight")[0]
+            "mlp_dim": shape_of(state, "opt_model.model.decoder.layers.0.fc1.weight")[0], "vocab_size": vocab,
+            "max_len": shape_of(state, "opt_model.model.decoder.embed_positions.weight")[0]
             - decoder_lm_models.OPT_POSITION_OFFSET, "embed_dim": width, "norm": "pre", "attention_bias": True,
             "mlp_bias": True, "tie_embeddings": True}
 
@@ -159,10 +195,10 @@ def from_lavis(state: Mapping[str, np.ndarray], *, vision_head_dim: int = EVA_G_
             raise ConversionError(f"{prefix}* keys: {name} checkpoints are not supported; supported: blip2_opt, "
                                   f"blip2 / blip2_feature_extractor")
     vision, qformer = vision_fields(state, vision_head_dim), qformer_fields(state, qformer_head_dim)
-    image = _image_input(state, vision["patch_size"])
+    image = image_input(state, vision["patch_size"])
     if "opt_proj.weight" in state:
         lm_table = blip2.prefixed(decoder_lm.opt_table(), "opt_model.", "language_model/")
-        table = Table((*_towers(), *linear("opt_proj", "language_projection"), *lm_table.rules),
+        table = Table((*tower_rules(), *linear("opt_proj", "language_projection"), *lm_table.rules),
                       ignore=(*_IGNORE, *_tied_head(state)))
         fields = {"vision": vision, "qformer_fields": qformer, "lm": opt_fields(state, lm_num_heads)}
         return Plan(blip2.LM, fields, [image, input_spec((1, 8), "int32")], table,
@@ -173,14 +209,14 @@ def from_lavis(state: Mapping[str, np.ndarray], *, vision_head_dim: int = EVA_G_
     dropped = sorted(k for k in state if k.startswith("Qformer.cls.") or k == "temp")
     notes = [f"Dropped {dropped}: the ITG head and the ITC temperature have no place in Blip2Retrieval"
              ] if dropped else []
-    table = Table((*_towers(),
+    table = Table((*tower_rules(),
                    rule("Qformer.bert.embeddings.word_embeddings.weight", "embeddings/word/embedding"),
                    rule("Qformer.bert.embeddings.position_embeddings.weight", "embeddings/position/embedding"),
                    *linear("vision_proj", "vision_projection"), *linear("text_proj", "text_projection"),
                    *linear("itm_head", "itm_head")), ignore=(*_IGNORE, r"Qformer\.cls\..*", "temp"))
-    max_len = _shape(state, "Qformer.bert.embeddings.position_embeddings.weight")[0]
+    max_len = shape_of(state, "Qformer.bert.embeddings.position_embeddings.weight")[0]
     fields = {"vision": vision, "qformer_fields": qformer,
-              "vocab_size": _shape(state, "Qformer.bert.embeddings.word_embeddings.weight")[0], "max_len": max_len,
-              "embed_dim": _shape(state, "vision_proj.weight")[0]}
+              "vocab_size": shape_of(state, "Qformer.bert.embeddings.word_embeddings.weight")[0], "max_len": max_len,
+              "embed_dim": shape_of(state, "vision_proj.weight")[0]}
     inputs = [image, input_spec((1, max_len), "int32"), input_spec((1, max_len), "bool")]
     return Plan(blip2.RETRIEVAL, fields, inputs, table, {"library": "lavis", "model": "blip2"}, notes)

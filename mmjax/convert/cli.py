@@ -5,6 +5,8 @@
     mmjax-convert --source open_clip --model ViT-B-16 --checkpoint open_clip_model.safetensors --output DIR
     mmjax-convert --source hf --checkpoint HF_MODEL_FOLDER --output DIR
     mmjax-convert --source dall_e --model encoder --checkpoint dall_e_encoder.pt --output DIR
+    mmjax-convert --source minigpt4 --checkpoint eva_vit_g.pth --checkpoint blip2_pretrained_flant5xxl.pth \
+        --checkpoint VICUNA_FOLDER --checkpoint pretrained_minigpt4.pth --output DIR
     mmjax-convert --to timm --input DIR --output model.safetensors
     mmjax-convert --to hf --input DIR --output HF_MODEL_FOLDER     (ViT, CLIP, MAE, BEiT)
 
@@ -28,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmjax-convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     direction = p.add_mutually_exclusive_group()
-    direction.add_argument("--source", choices=("timm", "open_clip", "hf", "dall_e", "albef", "lavis", "blip"),
+    direction.add_argument("--source", choices=("timm", "open_clip", "hf", "dall_e", "albef", "lavis", "blip",
+                                                "minigpt4"),
                            help="convert a PyTorch checkpoint of this library into an mmjax model directory")
     direction.add_argument("--to", choices=EXPORT_TARGETS,
                            help="convert an mmjax model directory or training workdir into a state dict of "
@@ -42,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
                         "object; its pooling is read (global_pool, fc_norm, class_token), e.g. "
                         "'{\"global_pool\": \"avg\", \"fc_norm\": false}'. Default: from NAME.json or "
                         "config.json beside the checkpoint (timm's Hub layout), else the name's global_pool='token'")
-    p.add_argument("--checkpoint", help="state dict file (.safetensors, .bin, .pth), or a transformers folder")
+    p.add_argument("--checkpoint", action="append",
+                   help="state dict file (.safetensors, .bin, .pth), or a transformers folder; lavis and minigpt4 "
+                        "take several, merged (their released files hold the trained parameters only): e.g. "
+                        "eva_vit_g.pth, the BLIP-2 file, the LM's transformers folder, the MiniGPT-4 file")
     p.add_argument("--input", help="mmjax model directory or training workdir (with --to); a workdir "
                                    "alone becomes a model directory")
     p.add_argument("--step", type=int, help="with a workdir: this checkpoint step (default: the newest good one)")
@@ -83,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                          scan=args.scan, overwrite=args.overwrite, timm_model_args=model_args)
             for note in plan.notes:
                 print(f"note: {note}")
-            print(f"Wrote {plan.model_class.rsplit('.', 1)[-1]} from {args.source} {args.model or args.checkpoint} "
+            print(f"Wrote {plan.model_class.rsplit('.', 1)[-1]} from {args.source} "
+                  f"{args.model or ', '.join(args.checkpoint)} "
                   f"to {args.output}; load it with mmjax.load({args.output!r})")
         elif not args.to:
             from mmjax import runs

@@ -171,8 +171,11 @@ def _image_transform_op(name: str, args: tuple, kwargs: dict) -> Op:
     return op
 
 
-def _tokenize_op(key: str = "caption", out: str = "text", *, tokenizer: Tokenizer | None) -> Op:
-    """Tokenizes a text (-> int32 (L,)) or a list of texts (-> int32 (N, L))."""
+def _tokenize_op(key: str = "caption", out: str = "text", suffix: str = "", prefix: str = "", *,
+                 tokenizer: Tokenizer | None) -> Op:
+    """Tokenizes a text (-> int32 (L,)) or a list of texts (-> int32 (N, L)), wrapped first in
+    `prefix` and `suffix` (an end symbol written as text, such as MiniGPT-4's "###"; a prompt
+    template such as BLIP-2's "Question: " ... " Answer:")."""
     if tokenizer is None:
         raise ValueError(
             "pp op 'tokenize' needs a tokenizer: pass tokenizer=... to the pipeline/Preprocess"
@@ -182,7 +185,7 @@ def _tokenize_op(key: str = "caption", out: str = "text", *, tokenizer: Tokenize
         text = _get("tokenize", example, key)
         single = isinstance(text, (str, bytes))
         texts = [text] if single else list(np.asarray(text, dtype=object).reshape(-1))
-        texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
+        texts = [prefix + (t.decode("utf-8") if isinstance(t, bytes) else str(t)) + suffix for t in texts]
         tokens = np.asarray(tokenizer(texts)).astype(np.int32)
         example[out] = tokens[0] if single else tokens
         return example

@@ -147,14 +147,19 @@ class Blip2LM(_QueryTower):
 
     lm: dict | None = None            # DecoderLM fields, e.g. {"variant": "opt-2.7b"}
 
+    @property
+    def lm_fields(self) -> dict:
+        """The DecoderLM fields (a subclass may default them)."""
+        return self.lm or {}
+
     @nn.nowrap
     def language_arch(self) -> dict:
-        return decoder_lm.DecoderLM(**(self.lm or {})).arch()
+        return decoder_lm.DecoderLM(**self.lm_fields).arch()
 
     def setup(self):
         self.setup_towers(text_ffn=False)
         self.language_projection = _dense(self.language_arch()["embed_dim"], self.dtype, "language_projection")
-        self.language_model = decoder_lm.DecoderLM(**(self.lm or {}), dtype=self.dtype)
+        self.language_model = decoder_lm.DecoderLM(**self.lm_fields, dtype=self.dtype)
 
     def __call__(self, images: jax.Array, tokens: jax.Array, mask: jax.Array | None = None, *,
                  train: bool = False) -> dict[str, jax.Array]:
@@ -197,7 +202,7 @@ def generate_text(model: Blip2LM, variables: dict, images: jax.Array, prompt: ja
 def language_generator(model: Blip2LM, max_length: int, **kwargs) -> generate.Generator:
     """A Generator of `model`'s language model after the soft prompt (max_length counts the token
     prompt and the new tokens; kwargs: mesh, rules)."""
-    lm = decoder_lm.DecoderLM(**(model.lm or {}), dtype=model.dtype)
+    lm = decoder_lm.DecoderLM(**model.lm_fields, dtype=model.dtype)
     return generate.Generator(decoder_lm.prefix_decoder(lm), max_length, **kwargs)
 
 
@@ -351,18 +356,20 @@ def stage1_train_flops(model: Blip2Pretrain, image_hw: tuple[int, int], length: 
 
 
 def stage2_train_flops(model: Blip2LM, image_hw: tuple[int, int], length: int, vision_frozen: bool = True,
-                       lm_frozen: bool = True) -> dict[str, float]:
+                       lm_frozen: bool = True, qformer_frozen: bool = False) -> dict[str, float]:
     """Training FLOPs of one stage-2 example by part: the image encoder (frozen: forward only),
-    the Q-Former and projection (x3), and the LM on queries + text: frozen, its weight gradients
-    are skipped but the activation gradients flow back to the soft prompt (2x its matmuls with
-    weights, 3x its attention)."""
+    the Q-Former (x3; frozen, as MiniGPT-4's: forward only) and projection (x3; x2 after a frozen
+    Q-Former, no input gradient), and the LM on queries + `length` other tokens: frozen, its weight
+    gradients are skipped but the activation gradients flow back to the soft prompt (2x its matmuls
+    with weights, 3x its attention)."""
     vision, image_tokens, image_width = _vision(model, image_hw)
     arch, q = model.qformer_arch(), model.qformer_arch()["num_queries"]
-    lm = decoder_lm.DecoderLM(**(model.lm or {}))
-    bridge = (qformer_flops(arch, q, 0, image_tokens, image_width)
-              + flops.dense(q, arch["width"], model.language_arch()["embed_dim"]))
+    lm = decoder_lm.DecoderLM(**model.lm_fields)
+    qformer = qformer_flops(arch, q, 0, image_tokens, image_width)
+    projection = flops.dense(q, arch["width"], model.language_arch()["embed_dim"])
     language = decoder_lm_flops(lm, q + length)
     return {**{f"vision_{k}": (1.0 if vision_frozen else flops.TRAIN_FACTOR) * v for k, v in vision.items()},
-            "bridge": flops.TRAIN_FACTOR * bridge,
+            "qformer": (1.0 if qformer_frozen else flops.TRAIN_FACTOR) * qformer,
+            "projection": (2.0 if qformer_frozen else flops.TRAIN_FACTOR) * projection,
             "lm_linear": (2.0 if lm_frozen else flops.TRAIN_FACTOR) * language["linear"],
             "lm_attention": flops.TRAIN_FACTOR * language["attention"]}

@@ -22,6 +22,7 @@ _TASKS = {
     "blip_vqa": "mmjax.tasks.blip_finetune:BlipVqaTask",
     "blip2_stage1": "mmjax.tasks.blip2:Blip2Stage1Task",
     "blip2_stage2": "mmjax.tasks.blip2:Blip2Stage2Task",
+    "minigpt4": "mmjax.tasks.minigpt4:MiniGPT4Task",
 }
 
 

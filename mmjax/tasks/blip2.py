@@ -28,7 +28,8 @@ scored). Vision and LM are frozen by the recipe. Config::
 
 Predict functions: stage 1 has `image_tokens` and `match_tokens` (ITM scores); its ITC embeddings
 are one per query, which the (B, D) `embed_images` of the retrieval evaluators cannot express.
-Stage 2 has `caption` (greedy / beam search after the soft prompt and the BOS).
+Stage 2 has `caption` (greedy / beam search after the soft prompt and the BOS) and `answer` (zero-shot
+VQA: greedy text after the soft prompt and a "Question: {} Answer:" prompt the eval pp writes).
 """
 
 from __future__ import annotations
@@ -46,31 +47,32 @@ from mmjax import flops, generate, optim
 from mmjax.data import tokenizers
 from mmjax.losses import language, matching
 from mmjax.models import blip2
-from mmjax.tasks import base
+from mmjax.tasks import base, blip_finetune
 
 STAGE1_MODEL_KEYS = ("vision", "qformer", "vocab_size", "max_len", "embed_dim", "temperature_init", "dtype")
 STAGE2_MODEL_KEYS = ("vision", "qformer", "lm", "dtype")
 STAGE1_LOSS = {"itc_label_smoothing": 0.1, "lm_label_smoothing": 0.1, "negative_floor": 0.0}
 STAGE2_LOSS = {"prompt_length": 1}
+ANSWER_TOKENS = 10        # LAVIS's zero-shot VQA max_len
 ADDED_TOKENS = 1          # LAVIS adds [DEC] (the BOS of ITG) to bert-base-uncased's vocabulary
 
 
-def _checked(given: dict, known, what: str) -> dict:
+def checked_keys(given: dict, known, what: str) -> dict:
     unknown = sorted(set(given) - set(known))
     if unknown:
         raise ValueError(f"Unknown {what} key(s) {unknown}; known: {sorted(known)}")
     return given
 
 
-def _model_fields(config: ml_collections.ConfigDict, known) -> dict:
-    fields = _checked(config.model.to_dict(), known, "model")
+def model_fields(config: ml_collections.ConfigDict, known) -> dict:
+    fields = checked_keys(config.model.to_dict(), known, "model")
     if "qformer" in fields:
         fields["qformer_fields"] = fields.pop("qformer")
     return fields
 
 
 def _options(config: ml_collections.ConfigDict, defaults: dict) -> dict:
-    return {**defaults, **_checked(dict(config.get("loss") or {}), defaults, "loss")}
+    return {**defaults, **checked_keys(dict(config.get("loss") or {}), defaults, "loss")}
 
 
 def frozen_towers(task: base.Task, batch_shapes: dict) -> dict[str, bool]:
@@ -85,6 +87,20 @@ def frozen_towers(task: base.Task, batch_shapes: dict) -> dict[str, bool]:
     sizes = lambda tree, keep: sum(np.prod(p.shape) for p, t in zip(  # noqa: E731
         jax.tree.leaves(params[tree]), jax.tree.leaves(mask[tree])) if keep(t))
     return {name: sizes(name, lambda t: not t) > sizes(name, bool) for name in params}
+
+
+def tokenizer_for_lm(config: ml_collections.ConfigDict):
+    """`input.tokenizer`, which must pad (the LM tasks' text masks are `tokens != pad`)."""
+    tokenizer = tokenizers.build_tokenizer(dict(config.input.tokenizer))
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        raise ValueError(f"input.tokenizer {config.input.tokenizer.get('name')!r} has no pad_token_id")
+    return tokenizer
+
+
+def check_vocab(tokenizer, model: blip2.Blip2LM) -> None:
+    vocab = model.language_arch()["vocab_size"]
+    if tokenizer.vocab_size > vocab:
+        raise ValueError(f"The tokenizer's {tokenizer.vocab_size} ids do not fit the LM's vocab_size {vocab}")
 
 
 def itc_loss(sim_i2t: jax.Array, label_smoothing: float) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -110,7 +126,7 @@ class Blip2Stage1Task(base.Task):
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        self.model = blip2.Blip2Pretrain(**_model_fields(config, STAGE1_MODEL_KEYS))
+        self.model = blip2.Blip2Pretrain(**model_fields(config, STAGE1_MODEL_KEYS))
         self.tokenizer = tokenizers.build_tokenizer(dict(config.input.tokenizer))
         for attr in ("cls_token_id", "pad_token_id"):
             if getattr(self.tokenizer, attr, None) is None:
@@ -195,13 +211,9 @@ class Blip2Stage2Task(base.Task):
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        self.model = blip2.Blip2LM(**_model_fields(config, STAGE2_MODEL_KEYS))
-        self.tokenizer = tokenizers.build_tokenizer(dict(config.input.tokenizer))
-        if getattr(self.tokenizer, "pad_token_id", None) is None:
-            raise ValueError(f"input.tokenizer {config.input.tokenizer.get('name')!r} has no pad_token_id")
-        vocab = self.model.language_arch()["vocab_size"]
-        if self.tokenizer.vocab_size > vocab:
-            raise ValueError(f"The tokenizer's {self.tokenizer.vocab_size} ids do not fit the LM's vocab_size {vocab}")
+        self.model = blip2.Blip2LM(**model_fields(config, STAGE2_MODEL_KEYS))
+        self.tokenizer = tokenizer_for_lm(config)
+        check_vocab(self.tokenizer, self.model)
         self.prompt_length = int(_options(config, STAGE2_LOSS)["prompt_length"])
         if self.prompt_length < 0:
             raise ValueError(f"loss.prompt_length must be >= 0, got {self.prompt_length}")
@@ -225,7 +237,7 @@ class Blip2Stage2Task(base.Task):
         hw, length = tuple(batch_shapes["image"][1:3]), batch_shapes["text"][1]
         frozen = frozen_towers(self, batch_shapes)
         return flops.total(blip2.stage2_train_flops(self.model, hw, length, frozen["vision_model"],
-                                                    frozen["language_model"]))
+                                                    frozen["language_model"], frozen["qformer"]))
 
     def model_description(self, batch):
         text = batch["text"]
@@ -233,14 +245,34 @@ class Blip2Stage2Task(base.Task):
                   {"shape": [1, int(text.shape[1])], "dtype": "bool"}]
         return {"module": self.model, "inputs": inputs, "params_key": None}
 
+    def answer(self, params, images: jax.Array, tokens: jax.Array) -> list[str]:
+        """Zero-shot VQA (the `vqa` evaluator's contract): the greedy text after the soft prompt and
+        each tokenized prompt, BOS first, right-padded as the pipeline writes it; the eval pp makes
+        the prompt (`tokenize(key='question', prefix='Question: ', suffix=' Answer:')`, the paper's)."""
+        tokens = np.asarray(tokens)
+        mask = tokens != self.tokenizer.pad_token_id
+        order = np.argsort(mask, axis=1, kind="stable")        # padding first: the prompts left-padded
+        prompt, prompt_mask = np.take_along_axis(tokens, order, 1), np.take_along_axis(mask, order, 1)
+        config = self._generation_config({"max_new_tokens": ANSWER_TOKENS})
+        total = config.total_length(prompt.shape[1])
+        if total not in self._generators:
+            self._generators[total] = blip2.language_generator(self.model, total)
+        out = blip2.generate_text(self.model, {"params": params}, images, jnp.asarray(prompt), config,
+                                  prompt_mask=jnp.asarray(prompt_mask), generator=self._generators[total])
+        rows = blip_finetune.decodable(out.generated, self.tokenizer)
+        return [self.tokenizer.decode(row).strip() for row in rows]
+
+    def _generation_config(self, settings: dict) -> generate.GenerationConfig:
+        eos = getattr(self.tokenizer, "eot_token_id", None)
+        return generate.GenerationConfig(**{"eos_token_id": eos, "pad_token_id": self.tokenizer.pad_token_id,
+                                            **settings})
+
     def caption(self, params, images: jax.Array, settings: dict | None = None) -> jax.Array:
         """(B·num_return_sequences, L) int32 ids generated after the soft prompt and the BOS
         (settings: GenerationConfig fields; greedy by default)."""
         settings = dict(settings or {})
         settings.setdefault("max_new_tokens", self.tokenizer.context_length)
-        eos = getattr(self.tokenizer, "eot_token_id", None)
-        config = generate.GenerationConfig(**{"eos_token_id": eos, "pad_token_id": self.tokenizer.pad_token_id,
-                                              **settings})
+        config = self._generation_config(settings)
         total = config.total_length(1)
         if total not in self._generators:
             self._generators[total] = blip2.language_generator(self.model, total)

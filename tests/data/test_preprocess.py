@@ -122,6 +122,10 @@ def test_tokenize_rename_keep():
     out = _run("tokenize(key='captions', out='tokens')", {"captions": ["a b", "ccc"]},
                tokenizer=fake_tokenizer)
     assert out["tokens"].shape == (2, 6) and out["tokens"].dtype == np.int32
+    out = _run("tokenize(suffix=' ###')", {"caption": b"big star"}, tokenizer=fake_tokenizer)
+    assert out["text"].tolist() == [3, 4, 3, 0, 0, 0]       # MiniGPT-4's end symbol, written as text
+    out = _run("tokenize(prefix='Question: ', suffix=' Answer:')", {"caption": "big star"}, tokenizer=fake_tokenizer)
+    assert out["text"].tolist() == [9, 3, 4, 7, 0, 0]       # BLIP-2's zero-shot VQA prompt
     out = _run("rename(text='caption', img='image')", {"caption": "x", "image": 1})
     assert out == {"text": "x", "img": 1}
     assert _run("keep('b')", {"a": 1, "b": 2}) == {"b": 2}

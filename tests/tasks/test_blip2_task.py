@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import configs, faults, optim, tasks, train
+from mmjax import configs, faults, generate, optim, tasks, train
 from mmjax.data import shapes
 from mmjax.losses import matching
 from mmjax.models import blip2
@@ -186,14 +186,18 @@ WIDE_VISION = dict(variant=None, width=128, depth=1, num_heads=4, mlp_dim=512, p
 WIDE_QFORMER = dict(width=128, depth=2, num_heads=4, mlp_dim=512, num_queries=8)
 
 
-@pytest.mark.parametrize("name,spec", [("blip2_stage1", STAGE1), ("blip2_stage2", STAGE2)])
+@pytest.mark.parametrize("name,spec", [("blip2_stage1", STAGE1), ("blip2_stage2", STAGE2),
+                                       ("minigpt4", "experiments/minigpt4/stage2.py:smoke=True")])
 def test_training_flops_match_xla(name, spec):
     """Wide enough that matmuls dominate; frozen towers are differentiated as the trainer does
-    (weights not at all, the LM's activations back to the soft prompt)."""
+    (weights not at all, the LM's activations back to the soft prompt; MiniGPT-4's frozen
+    Q-Former not at all)."""
     config = configs.load_config(spec)
     config.model.vision, config.model.qformer = WIDE_VISION, WIDE_QFORMER
     if name == "blip2_stage2":
         config.model.lm = dict(kind="opt", width=128, depth=2, num_heads=4, mlp_dim=512, vocab_size=78, max_len=32)
+    if name == "minigpt4":
+        config.model.lm = dict(kind="llama", width=128, depth=2, num_heads=4, mlp_dim=512, vocab_size=78, max_len=64)
     task = tasks.get_task(config)
     assert config.task == name
     batch = _batch(task, n=4)
@@ -206,3 +210,27 @@ def test_training_flops_match_xla(name, spec):
     analytic = 4 * task.train_flops_per_example({k: v.shape for k, v in batch.items()})
     print(f"{name}: XLA / analytic = {xla / analytic:.4f}")
     assert 1.0 <= xla / analytic < 1.05
+
+
+def test_zero_shot_answers_follow_the_left_padded_prompt():
+    """`answer` (the vqa evaluator's predict function) generates after each right-padded prompt
+    moved to the left, as transformers' generate needs: the same text as generating from the
+    prompt written left-padded by hand, and the same whatever padding the batch carries."""
+    task = tasks.get_task(configs.load_config(STAGE2))
+    batch = _batch(task, n=2)
+    params = _init(task, batch)
+    prompts = ["question : what colour is the shape ? answer :", "question : where ? answer :"]
+    tokens = np.asarray(task.tokenizer(prompts))
+    got = task.answer(params, batch["image"], tokens)
+    wider = np.concatenate([tokens, np.full((2, 3), task.tokenizer.pad_token_id, tokens.dtype)], 1)
+    assert task.answer(params, batch["image"], wider) == got
+    mask = tokens != task.tokenizer.pad_token_id
+    left = np.full_like(tokens, task.tokenizer.pad_token_id)
+    for row, (ids, real) in enumerate(zip(tokens, mask)):
+        left[row, tokens.shape[1] - real.sum():] = ids[real]
+    config = generate.GenerationConfig(max_new_tokens=10, eos_token_id=task.tokenizer.eot_token_id,
+                                       pad_token_id=task.tokenizer.pad_token_id)
+    out = blip2.generate_text(task.model, {"params": params}, batch["image"], jnp.asarray(left), config,
+                              prompt_mask=jnp.asarray(left != task.tokenizer.pad_token_id))
+    want = [task.tokenizer.decode(row).strip() for row in np.asarray(out.generated)]
+    assert got == want and len(got) == 2 and all(isinstance(t, str) for t in got)
