@@ -69,5 +69,7 @@ def timm_vit_config(model_config: dict) -> dict | None:
             "embed_dim": arch["width"], "depth": arch["depth"], "num_heads": arch["num_heads"],
             "mlp_ratio": arch["mlp_dim"] / arch["width"], "num_classes": fields.get("num_classes") or 0,
             "qkv_bias": fields.get("qkv_bias", True), "in_chans": fields.get("in_channels", 3)}
+    if fields.get("qkv_bias") == "qv":       # timm's Eva: its qkv_bias means q and v biases
+        return {"architecture": "eva_giant_patch14_clip_224", "model_args": {**args, "qkv_bias": True}}
     return {"architecture": "vit_base_patch16_224", "model_args": args}
 

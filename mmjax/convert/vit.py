@@ -71,19 +71,32 @@ TIMM_TABLE = Table((
     *linear("head", "head"),
 ))
 
+# EVA-CLIP's ViT-g/14 (BLIP-2's vision tower) as timm builds it: a ViT with q and v biases, no k bias
+EVA_NAMES = ("eva_giant_patch14_clip_224",)
+EVA_TABLE = Table((
+    *[r for r in TIMM_TABLE.rules if ".attn.qkv." not in r.torch_key],
+    rule("blocks.{i}.attn.qkv.weight", [f"encoder/layer_{{i}}/attn/{n}/kernel" for n in ("query", "key", "value")],
+         HEADS_IN),
+    rule("blocks.{i}.attn.q_bias", "encoder/layer_{i}/attn/query/bias", HEADS_BIAS),
+    rule("blocks.{i}.attn.v_bias", "encoder/layer_{i}/attn/value/bias", HEADS_BIAS),
+))
+
 # timm global_pool -> mmjax ViT pool; "max", "avgmax" and "prr" have no mmjax counterpart.
 TIMM_POOLS = {"token": "cls", "avg": "gap", "map": "map", "": "none"}
 TIMM_POOL_ARGS = ("global_pool", "fc_norm", "class_token", "pool_include_prefix")
 
 
 def timm_architecture(name: str) -> tuple[dict, int]:
-    """(ViT fields, image size) of a timm ViT name such as vit_base_patch16_224 (a ".tag" is dropped)."""
+    """(ViT fields, image size) of a timm ViT name such as vit_base_patch16_224 (a ".tag" is dropped),
+    or EVA-CLIP's eva_giant_patch14_clip_224."""
+    if name.split(".")[0] in EVA_NAMES:
+        return dict(vit.parse_variant("g/14"), pool="cls", posemb="learn", ln_eps=1e-6, act="gelu", qkv_bias="qv"), 224
     m = TIMM_NAME.fullmatch(name.split(".")[0])
     if m is None or m["size"] not in TIMM_SIZES:
         raise ConversionError(
             f"Unknown or unsupported timm model {name!r}. Supported: the plain timm ViTs named "
             f"vit_<size>_patch<P>[_clip][_quickgelu]_<res> with size in {list(TIMM_SIZES)}, "
-            "e.g. vit_base_patch16_224, vit_large_patch14_clip_224")
+            f"e.g. vit_base_patch16_224, vit_large_patch14_clip_224; and {', '.join(EVA_NAMES)}")
     clip = bool(m["clip"])
     fields = dict(vit.parse_variant(f"{TIMM_SIZES[m['size']]}/{m['patch']}"), pool="cls", posemb="learn",
                   pre_norm=clip, patch_bias=not clip, ln_eps=1e-5 if clip else 1e-6,
@@ -163,14 +176,15 @@ def from_timm(name: str, state: dict[str, np.ndarray], model_args: dict | None =
     source = {"library": "timm", "model": name}
     if model_args:
         source["model_args"] = {k: model_args[k] for k in TIMM_POOL_ARGS if k in model_args}
-    return Plan(VIT, fields, [input_spec((1, size, size, 3))], TIMM_TABLE, source)
+    table = EVA_TABLE if fields.get("qkv_bias") == "qv" else TIMM_TABLE
+    return Plan(VIT, fields, [input_spec((1, size, size, 3))], table, source)
 
 
 def timm_export(config: dict) -> tuple[Table, None]:
     """The table that writes this model directory (model_config.json as `config`) for timm."""
     require(config["fields"], "timm", pool="cls", posemb="learn", fc_norm=False, representation_size=None,
             conv_stem=[])
-    return TIMM_TABLE, None
+    return (EVA_TABLE if config["fields"].get("qkv_bias") == "qv" else TIMM_TABLE), None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ class ViT(nn.Module):
     act: str = "gelu"
     ln_eps: float = 1e-6
     layer_scale: float | None = None
-    qkv_bias: bool = True
+    qkv_bias: bool | str = True     # "qv": q and v biases, no k bias (EVA; softmax cancels a k bias)
     dtype: layers.Dtype = jnp.float32
     attention_impl: str = "xla"
     scan: bool = False
@@ -147,9 +147,12 @@ class ViT(nn.Module):
     def block_config(self) -> layers.BlockConfig:
         """The encoder's block: this model's fields, then the `block` overrides."""
         arch = self.arch()
+        if self.qkv_bias not in (True, False, "qv"):
+            raise ValueError(f"qkv_bias must be True, False or 'qv' (no key bias), got {self.qkv_bias!r}")
+        bias = bool(self.qkv_bias)
         return layers.block_config(
             self.block, num_heads=arch["num_heads"], mlp_dim=arch["mlp_dim"], mlp=self.act, norm_eps=self.ln_eps,
-            q_bias=self.qkv_bias, k_bias=self.qkv_bias, v_bias=self.qkv_bias, out_bias=self.qkv_bias,
+            q_bias=bias, k_bias=self.qkv_bias is True, v_bias=bias, out_bias=bias,
             layer_scale=self.layer_scale, dropout=self.dropout, dtype=self.dtype,
             attention_impl=self.attention_impl)
 
