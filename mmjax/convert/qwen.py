@@ -18,7 +18,7 @@ writes the imported model in transformers' Qwen2 layout.
 from __future__ import annotations
 
 from mmjax.convert.decoder_lm import DECODER_LM
-from mmjax.convert.engine import HEADS_BIAS, HEADS_IN, HEADS_OUT, LINEAR, ConversionError, Plan, Table, rule
+from mmjax.convert.engine import HEADS_OUT, LINEAR, ConversionError, Plan, Table, fused_qkv, rule
 from mmjax.pretrained import input_spec
 
 ARCHITECTURE = "QWenLMHeadModel"
@@ -26,12 +26,10 @@ ARCHITECTURE = "QWenLMHeadModel"
 
 def table() -> Table:
     layer, dst = "transformer.h.{i}", "decoder/layer_{i}"
-    qkv = [f"{dst}/attn/{n}" for n in ("query", "key", "value")]
     return Table((
         rule("transformer.wte.weight", "embed/embedding"),
         rule(f"{layer}.ln_1.weight", f"{dst}/ln1/scale"),
-        rule(f"{layer}.attn.c_attn.weight", [f"{p}/kernel" for p in qkv], HEADS_IN),
-        rule(f"{layer}.attn.c_attn.bias", [f"{p}/bias" for p in qkv], HEADS_BIAS),
+        *fused_qkv(f"{layer}.attn.c_attn.weight", f"{layer}.attn.c_attn.bias", f"{dst}/attn"),
         rule(f"{layer}.attn.c_proj.weight", f"{dst}/attn/out/kernel", HEADS_OUT),
         rule(f"{layer}.ln_2.weight", f"{dst}/ln2/scale"),
         rule(f"{layer}.mlp.w1.weight", f"{dst}/mlp/fc1/kernel", LINEAR),

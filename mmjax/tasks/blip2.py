@@ -206,21 +206,63 @@ class Blip2Stage1Task(base.Task):
         return self._match({"params": params}, image_tokens, tokens, self.mask(tokens))
 
 
-class Blip2Stage2Task(base.Task):
+class LMBridgeTask(base.Task):
+    """What the tasks that train a bridge into a decoder LM share (BLIP-2 stage 2, MiniGPT-4): the LM's
+    tokenizer and text masks, the training FLOPs with frozen towers forward only, the model
+    description, and the generation settings and compiled generators. A subclass sets `self.model`
+    (a Blip2LM) after calling __init__."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        self.tokenizer = tokenizer_for_lm(config)
+        self._generators: dict[int, generate.Generator] = {}
+
+    @property
+    def bos_token_id(self) -> int | None:
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return getattr(self.tokenizer, "sot_token_id", None) if bos is None else bos
+
+    def mask(self, tokens: jax.Array) -> jax.Array:
+        return tokens != self.tokenizer.pad_token_id
+
+    def train_flops_per_example(self, batch_shapes):
+        return self._train_flops(batch_shapes, other_tokens=0)
+
+    def _train_flops(self, batch_shapes, other_tokens: int) -> float:
+        """`other_tokens`: LM positions besides the queries and the text (MiniGPT-4's BOS and prompt)."""
+        hw, length = tuple(batch_shapes["image"][1:3]), batch_shapes["text"][1] + other_tokens
+        frozen = frozen_towers(self, batch_shapes)
+        return flops.total(blip2.stage2_train_flops(self.model, hw, length, frozen["vision_model"],
+                                                    frozen["language_model"], frozen["qformer"]))
+
+    def model_description(self, batch):
+        text = batch["text"]
+        inputs = [base.input_spec(batch["image"]), base.input_spec(text),
+                  {"shape": [1, int(text.shape[1])], "dtype": "bool"}]
+        return {"module": self.model, "inputs": inputs, "params_key": None}
+
+    def _generation_config(self, settings: dict) -> generate.GenerationConfig:
+        eos = getattr(self.tokenizer, "eot_token_id", None)
+        return generate.GenerationConfig(**{"eos_token_id": eos, "pad_token_id": self.tokenizer.pad_token_id,
+                                            **settings})
+
+    def _generator(self, total: int) -> generate.Generator:
+        """The LM's compiled generator for `total` prompt + new tokens (one per length)."""
+        if total not in self._generators:
+            self._generators[total] = blip2.language_generator(self.model, total)
+        return self._generators[total]
+
+
+class Blip2Stage2Task(LMBridgeTask):
     """Trains Blip2LM on batches of "image" and LM-tokenized "text" (BOS first, right padding)."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
         self.model = blip2.Blip2LM(**model_fields(config, STAGE2_MODEL_KEYS))
-        self.tokenizer = tokenizer_for_lm(config)
         check_vocab(self.tokenizer, self.model)
         self.prompt_length = int(_options(config, STAGE2_LOSS)["prompt_length"])
         if self.prompt_length < 0:
             raise ValueError(f"loss.prompt_length must be >= 0, got {self.prompt_length}")
-        self._generators: dict[int, generate.Generator] = {}
-
-    def mask(self, tokens: jax.Array) -> jax.Array:
-        return tokens != self.tokenizer.pad_token_id
 
     def init_variables(self, rng, batch):
         text = jnp.asarray(batch["text"])
@@ -233,18 +275,6 @@ class Blip2Stage2Task(base.Task):
         loss, metrics = blip2.text_lm_loss(out["logits"], text, mask, self.prompt_length)
         return loss, {"lm_loss": loss, "token_accuracy": metrics["token_accuracy"]}
 
-    def train_flops_per_example(self, batch_shapes):
-        hw, length = tuple(batch_shapes["image"][1:3]), batch_shapes["text"][1]
-        frozen = frozen_towers(self, batch_shapes)
-        return flops.total(blip2.stage2_train_flops(self.model, hw, length, frozen["vision_model"],
-                                                    frozen["language_model"], frozen["qformer"]))
-
-    def model_description(self, batch):
-        text = batch["text"]
-        inputs = [base.input_spec(batch["image"]), base.input_spec(text),
-                  {"shape": [1, int(text.shape[1])], "dtype": "bool"}]
-        return {"module": self.model, "inputs": inputs, "params_key": None}
-
     def answer(self, params, images: jax.Array, tokens: jax.Array) -> list[str]:
         """Zero-shot VQA (the `vqa` evaluator's contract): the greedy text after the soft prompt and
         each tokenized prompt, BOS first, right-padded as the pipeline writes it; the eval pp makes
@@ -254,18 +284,11 @@ class Blip2Stage2Task(base.Task):
         order = np.argsort(mask, axis=1, kind="stable")        # padding first: the prompts left-padded
         prompt, prompt_mask = np.take_along_axis(tokens, order, 1), np.take_along_axis(mask, order, 1)
         config = self._generation_config({"max_new_tokens": ANSWER_TOKENS})
-        total = config.total_length(prompt.shape[1])
-        if total not in self._generators:
-            self._generators[total] = blip2.language_generator(self.model, total)
         out = blip2.generate_text(self.model, {"params": params}, images, jnp.asarray(prompt), config,
-                                  prompt_mask=jnp.asarray(prompt_mask), generator=self._generators[total])
+                                  prompt_mask=jnp.asarray(prompt_mask),
+                                  generator=self._generator(config.total_length(prompt.shape[1])))
         rows = blip_finetune.decodable(out.generated, self.tokenizer)
         return [self.tokenizer.decode(row).strip() for row in rows]
-
-    def _generation_config(self, settings: dict) -> generate.GenerationConfig:
-        eos = getattr(self.tokenizer, "eot_token_id", None)
-        return generate.GenerationConfig(**{"eos_token_id": eos, "pad_token_id": self.tokenizer.pad_token_id,
-                                            **settings})
 
     def caption(self, params, images: jax.Array, settings: dict | None = None) -> jax.Array:
         """(B·num_return_sequences, L) int32 ids generated after the soft prompt and the BOS
@@ -273,12 +296,7 @@ class Blip2Stage2Task(base.Task):
         settings = dict(settings or {})
         settings.setdefault("max_new_tokens", self.tokenizer.context_length)
         config = self._generation_config(settings)
-        total = config.total_length(1)
-        if total not in self._generators:
-            self._generators[total] = blip2.language_generator(self.model, total)
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        bos = getattr(self.tokenizer, "sot_token_id", None) if bos is None else bos
-        prompt = jnp.full((images.shape[0], 1), bos, jnp.int32)
+        prompt = jnp.full((images.shape[0], 1), self.bos_token_id, jnp.int32)
         out = blip2.generate_text(self.model, {"params": params}, images, prompt, config,
-                                  generator=self._generators[total])
+                                  generator=self._generator(config.total_length(1)))
         return out.generated.astype(jnp.int32)

@@ -25,9 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmjax import flops, generate
-from mmjax.models import blip2, minigpt4
-from mmjax.tasks import base
+from mmjax.models import minigpt4
 from mmjax.tasks import blip2 as blip2_tasks
 
 MODEL_KEYS = ("vision", "qformer", "lm", "dtype")
@@ -43,14 +41,12 @@ def _left_padded(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarra
     return ids, mask
 
 
-class MiniGPT4Task(base.Task):
+class MiniGPT4Task(blip2_tasks.LMBridgeTask):
     """Trains MiniGPT4 on batches of "image" and LM-tokenized "text" (no BOS; right padding)."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        self.tokenizer = blip2_tasks.tokenizer_for_lm(config)
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        bos = getattr(self.tokenizer, "sot_token_id", None) if bos is None else bos
+        bos = self.bos_token_id
         if bos is None:
             raise ValueError("input.tokenizer has no begin-of-sequence token for MiniGPT-4's BOS")
         fields = blip2_tasks.model_fields(config, MODEL_KEYS)
@@ -67,10 +63,6 @@ class MiniGPT4Task(base.Task):
             pad = self.tokenizer.pad_token_id
             before, after = (_left_padded([encode(s[k]) for s in sides], pad) for k in (0, 1))
             self.prompts = {"before": before[0], "before_mask": before[1], "after": after[0], "after_mask": after[1]}
-        self._generators: dict[int, generate.Generator] = {}
-
-    def mask(self, tokens: jax.Array) -> jax.Array:
-        return tokens != self.tokenizer.pad_token_id
 
     def _prompt(self, index) -> dict:
         if self.prompts is None:
@@ -98,16 +90,7 @@ class MiniGPT4Task(base.Task):
         return 1 + self.prompts["before"].shape[1] + self.prompts["after"].shape[1]
 
     def train_flops_per_example(self, batch_shapes):
-        hw, length = tuple(batch_shapes["image"][1:3]), batch_shapes["text"][1] + self._prompt_length()
-        frozen = blip2_tasks.frozen_towers(self, batch_shapes)
-        return flops.total(blip2.stage2_train_flops(self.model, hw, length, frozen["vision_model"],
-                                                    frozen["language_model"], frozen["qformer"]))
-
-    def model_description(self, batch):
-        text = batch["text"]
-        inputs = [base.input_spec(batch["image"]), base.input_spec(text),
-                  {"shape": [1, int(text.shape[1])], "dtype": "bool"}]
-        return {"module": self.model, "inputs": inputs, "params_key": None}
+        return self._train_flops(batch_shapes, other_tokens=self._prompt_length())
 
     def caption(self, params, images: jax.Array, settings: dict | None = None) -> jax.Array:
         """(B·num_return_sequences, L) int32 ids answering the first instruction (settings:
@@ -116,14 +99,9 @@ class MiniGPT4Task(base.Task):
             raise ValueError("MiniGPT-4 captions answer a prompt: set prompt.instructions (stage 2's template)")
         settings = dict(settings or {})
         settings.setdefault("max_new_tokens", self.tokenizer.context_length)
-        eos = getattr(self.tokenizer, "eot_token_id", None)
-        config = generate.GenerationConfig(**{"eos_token_id": eos, "pad_token_id": self.tokenizer.pad_token_id,
-                                              **settings})
+        config = self._generation_config(settings)
         prompt = {k: jnp.broadcast_to(v, (images.shape[0], v.shape[-1])) for k, v in self._prompt(0).items()}
-        total = config.total_length(prompt["after"].shape[1])
-        if total not in self._generators:
-            self._generators[total] = blip2.language_generator(self.model, total)
         out = minigpt4.chat(self.model, {"params": params}, images, prompt["after"], config,
-                            before=prompt["before"], before_mask=prompt["before_mask"],
-                            after_mask=prompt["after_mask"], generator=self._generators[total])
+                            before=prompt["before"], before_mask=prompt["before_mask"], after_mask=prompt["after_mask"],
+                            generator=self._generator(config.total_length(prompt["after"].shape[1])))
         return out.generated.astype(jnp.int32)
