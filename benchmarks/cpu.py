@@ -11,6 +11,8 @@ and `blip_memory` (per-device memory of the ALBEF / BLIP pretraining recipes, be
 and `llm` (LLaMA-structure greedy generation with a KV cache vs transformers, benchmarks/llm_generation.py;
 the frozen-LLM memory is benchmarks/llm_memory.py, run on its own):
   python -m benchmarks.cpu --allocator hugepages --sections llm --out benchmarks/results/llm_cpu.json
+and `blip2` (a BLIP-2 stage-2 train step with frozen ViT and OPT vs transformers, benchmarks/blip2_speed.py):
+  python -m benchmarks.cpu --allocator hugepages --sections blip2 --out benchmarks/results/blip2_cpu.json
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import time
 
 from mmjax import allocator
 
-SECTIONS = ("speed", "flip", "scaling", "memory", "blip", "blip_memory", "llm")
-DEFAULT_SECTIONS = SECTIONS[:4]   # blip, blip_memory, llm: vs transformers, fusion recipes' memory (opt-in)
+SECTIONS = ("speed", "flip", "scaling", "memory", "blip", "blip_memory", "llm", "blip2")
+DEFAULT_SECTIONS = SECTIONS[:4]   # blip, blip_memory, llm, blip2: vs transformers, fusion recipes' memory (opt-in)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "llm" in args.sections:
         from benchmarks import llm_generation
         results["llm"] = llm_generation.run(args)
+    if "blip2" in args.sections:
+        from benchmarks import blip2_speed
+        results["blip2"] = blip2_speed.run(args)
     results["total_time_s"] = time.perf_counter() - t0
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -143,6 +143,18 @@ def llm_generation_table(results: dict) -> str:
     return markdown_table(header, rows)
 
 
+def blip2_train_table(results: dict) -> str:
+    """BLIP-2 stage 2's train step (frozen ViT and OPT) on both sides, with the losses' agreement."""
+    header = ["model", "params M (trained)", "mmjax ex/s", "mmjax step s", "compile s", "transformers ex/s",
+              "ratio mmjax÷transformers", "analytic GFLOP/step", "XLA ÷ analytic", "max loss diff", "XLA peak MiB"]
+    r = results["blip2"]["train"]
+    m, t, f = r["mmjax"], r["torch"], r["flops"]
+    return markdown_table(header, [[r["workload"], f"{m['params_millions']:.3g} ({m['trained_millions']:.3g})",
+                                    m["examples_per_sec"], m["step_time_s"], m["compile_s"], t["examples_per_sec"],
+                                    r["ratio"], f["analytic_per_step"] / 1e9, f["agreement"], r["max_loss_diff"],
+                                    m["memory"].get("peak_bytes", 0) / 2**20]])
+
+
 def render(results: dict) -> str:
     env = results["environment"]
     parts = [(f"# mmjax benchmark ({env['device_kind']}, {env['cpu']}, {env['cpu_count']} cores, "
@@ -159,7 +171,9 @@ def render(results: dict) -> str:
                 ("fusion_memory", "Fusion recipes' train step: memory per device on an 8-device CPU mesh",
                  fusion_memory_table),
                 ("llm", "LLaMA-structure greedy generation with a KV cache: mmjax vs transformers, in turns",
-                 llm_generation_table)]
+                 llm_generation_table),
+                ("blip2", "BLIP-2 stage-2 train step (frozen ViT and OPT, AdamW on the bridge): mmjax vs "
+                 "transformers, in turns", blip2_train_table)]
     for key, title, fn in sections:
         if results.get(key):
             parts += [f"\n## {title}\n", fn(results)]

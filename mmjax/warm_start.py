@@ -4,7 +4,9 @@
 
   source  a run's workdir (its orbax checkpoints; only the "params" subtree is read, never the
           optimizer state) or a model directory written by `mmjax-convert` (model_config.json
-          + checkpoint/)
+          + checkpoint/); or several, as [(prefix, path), ...] pairs whose parameters are read
+          under `prefix` ("" for the root): a bridge model put together from its parts, e.g.
+          [("", STAGE1_WORKDIR), ("language_model/", LM_WORKDIR)]
   step    the workdir's checkpoint step to read (default: the newest good one)
   preset  a registered mapping by name ("same" here; each family registers its own with
           `register_preset` in mmjax/convert/<family>.py: "mae_to_vit", "beit_to_classifier");
@@ -173,6 +175,28 @@ def read_source(path: str, step: int | None = None) -> tuple[dict[str, np.ndarra
     return param_paths.unstack_layers(param_paths.flatten(params)), f"{path} (step {paths.basename(step_dir)})"
 
 
+def read_sources(source: Any, step: int | None = None) -> tuple[dict[str, np.ndarray], str]:
+    """`read_source` of one path, or of [(prefix, path), ...] merged with each prefix put before its
+    paths (a path two sources both give is an error)."""
+    if isinstance(source, str):
+        return read_source(source, step)
+    pairs = list(source)
+    if not pairs or not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                            for p in pairs):
+        raise ValueError(f"init.source must be a path or a list of (prefix, path) pairs, got {source!r}")
+    if step is not None:
+        raise ValueError("init.step applies to one source; with several, each is read at its newest good step")
+    merged, wheres = {}, []
+    for prefix, path in pairs:
+        arrays, where = read_source(path)
+        clashes = sorted(set(merged) & {prefix + k for k in arrays})
+        if clashes:
+            raise WarmStartError(f"init.source: {len(clashes)} parameters come from two sources, e.g. {clashes[:3]}")
+        merged.update({prefix + k: v for k, v in arrays.items()})
+        wheres.append(f"{where} under {prefix!r}" if prefix else where)
+    return merged, " + ".join(wheres)
+
+
 # ---------------------------------------------------------------------------------------------
 # Mapping (host side, pure)
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +311,7 @@ def apply(config: ml_collections.ConfigDict, params: Any, shardings: Any) -> Any
     init = config_block(config.get("init"))
     if not init["source"]:
         return params
-    source, where = read_source(init["source"], init["step"])
+    source, where = read_sources(init["source"], init["step"])
     model = config.get("model") or {}
     rules = init_rules(init, model.to_dict() if hasattr(model, "to_dict") else dict(model), list(source))
 

@@ -40,6 +40,7 @@ TRAINED_BY_LEARNING_TESTS = {
     "contrastive": "tests/test_train.py", "classification": "tests/test_train.py",
     "contrastive_momentum": "tests/tasks/test_momentum.py", "albef": "tests/tasks/test_albef_task.py",
     "blip": "tests/tasks/test_blip_learning.py", "vilt_vqa": "tests/tasks/test_vilt_tasks.py",
+    "causal_lm": "tests/tasks/test_causal_lm_learning.py",
 }
 
 
@@ -144,9 +145,17 @@ FULL_SPECS = [
     # vocabularies stand in (the Q-Former keeps the stand-in's size + [DEC], the LM OPT's 50,272 ids).
     f"experiments/blip2/stage1.py:vocab={SHAPES_VOCAB},{PAIRS},init=models/blip2_stage1_init",
     f"experiments/blip2/stage2_opt.py:lm=opt-2.7b,vocab=shapes,{PAIRS},init=models/blip2_stage2_init",
+    # Flan-T5's spiece.model is not on this machine either: the shapes words stand in (32,128 LM ids kept)
+    f"experiments/blip2/stage2_t5.py:lm=flan-t5-xl,vocab=shapes,{PAIRS},init=models/blip2_stage2_t5_init",
     # Vicuna's tokenizer.model is not on this machine either: the shapes words stand in (32,000 LM ids kept)
     f"experiments/minigpt4/stage1.py:vocab=shapes,{PAIRS},init=models/minigpt4_init",
     f"experiments/minigpt4/stage2.py:lm=vicuna-7b,vocab=shapes,{PAIRS},init=runs/minigpt4_stage1",
+    # --- the bridge demos on shapes (their init sources are only named) ---
+    "experiments/lm/shapes.py",
+    "experiments/blip2/shapes_stage1.py:clip=runs/clip",
+    "experiments/blip2/shapes_stage2.py:stage1=runs/blip2_shapes_stage1,lm=runs/lm_shapes",
+    "experiments/minigpt4/shapes.py:stage2=runs/blip2_shapes_stage2",
+    "experiments/perceiver/shapes.py:clip=runs/clip,lm=runs/lm_shapes",
 ]
 # Variants whose model another spec traces (the same model on other data) or the conversion tests
 # check at real size by shape (OPT-6.7B): their configs load and their pp strings run, nothing more.
@@ -154,6 +163,7 @@ CONFIG_ONLY_SPECS = [
     f"experiments/albef/pretrain_4m.py:data=14m,{PAIRS},vocab={SHAPES_VOCAB}",
     f"experiments/blip/pretrain_14m.py:data=129m,{PAIRS},vocab={SHAPES_VOCAB}",
     f"experiments/blip2/stage2_opt.py:lm=opt-6.7b,vocab=shapes,{PAIRS},init=models/blip2_stage2_init",
+    f"experiments/blip2/stage2_t5.py:lm=flan-t5-xxl,vocab=shapes,{PAIRS},init=models/blip2_stage2_t5_init",
 ]
 # The smoke-trained recipes' smoke modes are run by training them.
 SMOKE_SPECS = [f"{path}:smoke=True" for path in EXPERIMENTS if path not in SMOKE_TRAINED]

@@ -14,6 +14,7 @@ from mmjax.models import beit, clip, dvae, mae, vit
 # Wide enough that matmuls dominate as in real models (XLA's extra count shrinks with width).
 VIT = {"width": 256, "depth": 2, "num_heads": 4, "mlp_dim": 1024, "patch_size": 8}
 TEXT = {"vocab_size": 100, "context_length": 24, "width": 256, "depth": 2, "num_heads": 4}
+LM = dict(kind="llama", width=64, depth=2, num_heads=4, mlp_dim=128, vocab_size=80, max_len=64)
 DECODER = {"decoder_width": 128, "decoder_depth": 2, "decoder_heads": 4, "decoder_mlp_dim": 512}
 IMAGES = jax.ShapeDtypeStruct((4, 64, 64, 3), jnp.float32)       # 8x8 patches of 8 px
 
@@ -206,12 +207,15 @@ def _task(name):
         models = {"classification": dict(VIT, num_classes=10, patch_drop_ratio=0.5),
                   "beit_classification": dict(VIT, num_classes=10, rel_pos="layer"),
                   "mae": dict(VIT, **DECODER),
-                  "contrastive": {"embed_dim": 64, "image": VIT, "text": TEXT}}
+                  "contrastive": {"embed_dim": 64, "image": VIT, "text": TEXT},
+                  "causal_lm": LM,
+                  "resampler_lm": {"vision": VIT, "resampler": {"depth": 2, "num_heads": 4, "head_dim": 16,
+                                                                "num_latents": 8}, "lm": LM}}
         if name not in models:
             pytest.fail(f"task {name!r} has no case here: every task must report its training FLOPs")
         model = models[name]
         config = ml_collections.ConfigDict({"task": name, "model": model, "optimizer": {}})
-        if name == "contrastive":
+        if name in ("contrastive", "causal_lm", "resampler_lm"):
             config.input = {"tokenizer": {"name": "shapes", "context_length": 24}}
     task = tasks.get_task(config)
     shapes = {"image": image, "label": (4,), "text": (4, 24)}
@@ -220,7 +224,10 @@ def _task(name):
               "contrastive": clip_patch_embed, "contrastive_momentum": clip_patch_embed,
               "mae": lambda m: mae.forward_flops(m, (64, 64)),
               "beit": lambda m: beit.forward_flops(m, (64, 64)),
-              "beit_classification": lambda m: beit.forward_flops(m, (64, 64))}[name]
+              "beit_classification": lambda m: beit.forward_flops(m, (64, 64)),
+              "causal_lm": lambda m: {"patch_embed": 0.0},
+              "resampler_lm": lambda m: {"patch_embed": flops.TRAIN_FACTOR * vit.forward_flops(
+                  m.vision_tower(), (64, 64))["patch_embed"]}}[name]
     return task, shapes, family(task.model)["patch_embed"]
 
 
@@ -241,6 +248,7 @@ COVERED_ELSEWHERE = {
     "albef": "tests/tasks/test_albef_task.py::test_training_flops_match_xla",
     "blip2_stage1": "tests/tasks/test_blip2_task.py::test_training_flops_match_xla",
     "blip2_stage2": "tests/tasks/test_blip2_task.py::test_training_flops_match_xla",
+    "blip2_stage2_t5": "tests/tasks/test_blip2_t5_task.py::test_training_flops_match_xla",
     "minigpt4": "tests/tasks/test_blip2_task.py::test_training_flops_match_xla",
 }
 

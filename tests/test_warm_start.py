@@ -301,3 +301,20 @@ def test_trainer_fine_tunes_from_an_mae_run_and_resumes_from_its_own_checkpoint(
     with open(os.path.join(ft_dir, "metrics.jsonl")) as f:
         logged = [json.loads(line)["step"] for line in f if '"loss"' in line]
     assert logged == [2, 4, 6]
+
+
+def test_several_sources_each_under_its_prefix(tmp_path):
+    """A bridge model put together from two runs: one read at the root, one under a prefix; the
+    same path from two sources is an error, as is a step with several sources."""
+    first = _save_run(tmp_path / "a", {"vision": {"w": np.ones((2, 3))}, "head": {"b": np.zeros(2)}})
+    second = _save_run(tmp_path / "b", {"embed": {"w": np.full((4, 2), 2.0)}})
+    arrays, where = warm_start.read_sources([("", first), ("language_model/", second)])
+    assert sorted(arrays) == ["head/b", "language_model/embed/w", "vision/w"]
+    np.testing.assert_array_equal(arrays["language_model/embed/w"], np.full((4, 2), 2.0))
+    assert first in where and "under 'language_model/'" in where
+    with pytest.raises(warm_start.WarmStartError, match="from two sources"):
+        warm_start.read_sources([("", first), ("", first)])
+    with pytest.raises(ValueError, match="init.step applies to one source"):
+        warm_start.read_sources([("", first)], step=7)
+    with pytest.raises(ValueError, match="list of \\(prefix, path\\) pairs"):
+        warm_start.read_sources([first])

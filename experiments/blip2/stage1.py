@@ -11,6 +11,8 @@ at 32 tokens. AdamW β = (0.9, 0.98), weight decay 0.05, peak lr 1e-4 after a 2,
 cosine to 1e-5 (LAVIS's min_lr), 250k steps, global batch 1,680 (ViT-g; the paper's 2,320 is ViT-L's).
 Images: random resized crop 224, scale 0.5-1.0, bicubic, horizontal flip, CLIP's mean/std.
 Differences here:
+* The frozen towers' layers are scanned (`scan=True`: one compiled layer each; unscanned model
+  directories and checkpoints load into them).
 * Initialisation: BLIP-2 starts the ViT from EVA-CLIP and the Q-Former from bert-base-uncased. `init=DIR`
   warm-starts from a model directory in Blip2Retrieval's layout (what mmjax-convert writes for transformers'
   Blip2ForImageTextRetrieval or a LAVIS `blip2` file; assemble one from EVA-CLIP + BERT for the paper's
@@ -62,7 +64,7 @@ def get_config(arg=None):
     c.task = "blip2_stage1"
     c.seed = 0
     c.total_steps = STEPS
-    c.model = dict(vision=dict(variant="g/14", depth=39), qformer=dict(num_queries=32),
+    c.model = dict(vision=dict(variant="g/14", depth=39, scan=True), qformer=dict(num_queries=32),
                    vocab_size=_vocab_size(arg.vocab) + 1, max_len=512, embed_dim=256, temperature_init=0.07)
     c.loss = dict(itc_label_smoothing=0.1, lm_label_smoothing=0.1, negative_floor=0.0)
     data = (dict(name="webdataset", shards=arg.shards) if arg.shards

@@ -8,6 +8,8 @@ OPT; the LM loss scores the caption tokens only (not the queries, not the BOS `<
 32 tokens. AdamW β = (0.9, 0.98), weight decay 0.05, peak lr 1e-4 after 2,000 warmup steps, cosine to 5e-5
 (paper's stage-2 minimum), 80k steps, global batch 1,920 (OPT; FlanT5's is 1,520). Images as stage 1.
 Differences here:
+* The frozen towers' layers are scanned (`scan=True`: one compiled layer each; unscanned model
+  directories and checkpoints load into them).
 * Initialisation (`init=DIR`): one model directory in Blip2LM's layout (vision_model, query_tokens,
   qformer, language_model): the stage-1 result and OPT converted with mmjax-convert and merged, the new
   language_projection fresh (the paper's start); or a converted LAVIS blip2_opt / transformers
@@ -54,7 +56,7 @@ def get_config(arg=None):
     c.task = "blip2_stage2"
     c.seed = 0
     c.total_steps = STEPS
-    c.model = dict(vision=dict(variant="g/14", depth=39), qformer=dict(num_queries=32), lm=dict(variant=arg.lm))
+    c.model = dict(vision=dict(variant="g/14", depth=39, scan=True), qformer=dict(num_queries=32), lm=dict(variant=arg.lm, scan=True))
     c.loss = dict(prompt_length=1)      # the BOS is not scored
     data = (dict(name="webdataset", shards=arg.shards) if arg.shards
             else dict(name="folder", image_dir=arg.image_dir, captions=arg.captions))

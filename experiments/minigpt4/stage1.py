@@ -8,6 +8,8 @@ Recipe [repo; ../shared/RECIPES.md §13]: only `llama_proj` (mmjax: language_pro
 4 epochs × 5,000 iterations = 20k steps, global batch 256 (64 on each of 4 A100s), text up to 32 tokens,
 images 224 px. Data: ≈5M LAION / CC+SBU pairs (sampled 115:14).
 Differences here:
+* The frozen towers' layers are scanned (`scan=True`: one compiled layer each; unscanned model
+  directories and checkpoints load into them).
 * Initialisation (`init=DIR`): a MiniGPT4 model directory from `mmjax-convert --source minigpt4` with
   eva_vit_g.pth, BLIP-2's blip2_pretrained_flant5xxl.pth and the Vicuna folder (no llama_proj file: it is
   the layer stage 1 trains, started fresh here).
@@ -57,7 +59,7 @@ def get_config(arg=None):
     c.task = "minigpt4"
     c.seed = 0
     c.total_steps = STEPS
-    c.model = dict(vision=dict(variant="g/14", depth=39), qformer=dict(num_queries=32), lm=dict(variant=arg.lm))
+    c.model = dict(vision=dict(variant="g/14", depth=39, scan=True), qformer=dict(num_queries=32), lm=dict(variant=arg.lm, scan=True))
     data = (dict(name="webdataset", shards=arg.shards) if arg.shards
             else dict(name="folder", image_dir=arg.image_dir, captions=arg.captions))
     c.input = dict(data=data, batch_size=BATCH, pp=PP_TRAIN, tokenizer=tokenizer(arg.vocab, TEXT_LEN),

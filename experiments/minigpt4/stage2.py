@@ -10,7 +10,8 @@ Differences here:
 * `init=DIR` is the stage-1 run's workdir or a converted MiniGPT-4 directory (nothing fresh).
 * Batch 12 splits over 4 data-parallel devices; the other devices (a multiple of 4 in all) split the
   frozen Vicuna's heads and MLP (`tensor`).
-* Generation stops at the tokenizer's EOS; the official demo also stops at the "###" text.
+* Generation stops at the tokenizer's EOS and at "###", as the official demo (a one-id "###" ends decoding, the two-id
+  spelling is cut from the answer afterwards).
 * As stage 1: per-step cosine, warmup from 0; `vocab=shapes` stands in for Vicuna's tokenizer.model.
 
 Expected: qualitative (detailed, fluent descriptions and conversation; the paper has no benchmark number).

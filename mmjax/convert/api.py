@@ -19,6 +19,7 @@ from mmjax.convert import (
     blip,
     blip2,
     blip2_lavis,
+    blip2_t5,
     blip_official,
     clip,
     decoder_lm,
@@ -37,7 +38,8 @@ from mmjax.convert import (
 from mmjax.convert.export import Export, as_export
 
 SOURCES = ("timm", "open_clip", "hf", "dall_e", "albef", "lavis", "blip", "minigpt4")
-MERGED_SOURCES = {"lavis": "opt_model.", "minigpt4": minigpt4.LM_PREFIX}   # several files -> one state dict
+# several files -> one state dict; the LM folder's key prefix (lavis: by its model_type, opt_model. / t5_model.)
+MERGED_SOURCES = {"lavis": blip2_lavis.lm_prefix, "minigpt4": minigpt4.LM_PREFIX}
 HF_ARCHITECTURES = {"ViTModel": vit.from_hf, "ViTForImageClassification": vit.from_hf, "CLIPModel": clip.from_hf,
                     **dict.fromkeys(siglip.HF_ARCHITECTURES, siglip.from_hf),
                     "ViTMAEForPreTraining": mae.from_hf, "BeitForMaskedImageModeling": beit.from_hf,
@@ -73,6 +75,7 @@ EXPORTS = {
     (albef.ALBEF, "albef"): albef.official_export,
     **{(cls, "blip"): blip_official.official_export for cls in blip_official.TABLES},
     **{(cls, "hf"): blip2.hf_export for cls in blip2.CLASSES.values()},
+    (blip2_t5.T5_CLASS, "hf"): blip2_t5.hf_export,
     (decoder_lm.DECODER_LM, "hf"): decoder_lm.hf_export,
     (t5.T5_CLASS, "hf"): t5.hf_export,
 }
@@ -110,7 +113,8 @@ def plan_import(source: str, checkpoint: str | Sequence[str], model: str | None 
     if source in MERGED_SOURCES:
         state, notes, lm_config = blip2_lavis.assemble(files, MERGED_SOURCES[source])
         if source == "lavis":
-            plan = blip2_lavis.from_lavis(state, lm_num_heads=(lm_config or {}).get("num_attention_heads"))
+            plan = blip2_lavis.from_lavis(state, lm_num_heads=(lm_config or {}).get("num_attention_heads"),
+                                          lm_config=lm_config)
         else:
             plan = minigpt4.from_official(state, lm_config=lm_config)
         plan.notes[:0] = notes

@@ -15,8 +15,8 @@ mlp_text + ln2_text).
 The language model (`language_model.*`, the same keys in Blip2Model and
 Blip2ForConditionalGeneration: both hold a *ForCausalLM) is mapped by mmjax.convert.decoder_lm's
 table, every key and path prefixed; its tied `lm_head` is checked and dropped there. An
-encoder-decoder LM (Flan-T5) is refused by name. transformers' `image_token_index` placeholders
-are not part of mmjax's input (Blip2LM puts the queries before the text tokens itself).
+encoder-decoder LM (Flan-T5) goes to mmjax.convert.blip2_t5 (mmjax's Blip2T5). transformers'
+`image_token_index` placeholders are not part of mmjax's input (Blip2LM puts the queries before the text tokens itself).
 """
 
 from __future__ import annotations
@@ -251,6 +251,10 @@ def lm_plan(config: dict, state: dict[str, np.ndarray]) -> Plan:
 def from_hf(config: dict, state: dict[str, np.ndarray]) -> Plan:
     arch = (config.get("architectures") or [""])[0]
     if arch in LM_ARCHITECTURES:
+        if (config.get("text_config") or {}).get("model_type") == "t5":
+            from mmjax.convert import blip2_t5  # it builds on this module's tables
+
+            return blip2_t5.from_hf(config, state)
         return lm_plan(config, state)
     if arch not in HF_ARCHITECTURES:
         raise ConversionError(f"Unsupported BLIP-2 architecture {arch!r}; supported: "
@@ -287,7 +291,8 @@ def bridge_plan(config: dict, state: dict[str, np.ndarray]) -> Plan:
     vision, qformer, qformer_config = _composed(config)
     notes = split_qkv_bias(state)
     ignore = [r"language_model\..*", *_text_ffn_ignored(qformer_config, notes)]
-    lm_width = (config.get("text_config") or {}).get("hidden_size")
+    text = config.get("text_config") or {}
+    lm_width = text.get("hidden_size", text.get("d_model"))      # T5 spells it d_model
     if lm_width is None:
         raise ConversionError("The config has no text_config.hidden_size: language_projection's width is unknown")
     lm = [k for k in state if k.startswith("language_model.")]

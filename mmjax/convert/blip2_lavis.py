@@ -13,6 +13,9 @@ fine-tunes are LAVIS files. The key names are read from LAVIS's source:
     blip2_opt.py        stage 2: query_tokens, opt_proj, opt_model.* (transformers' OPTForCausalLM
                         names; LAVIS drops the Q-Former's word / position embeddings, text
                         feed-forward and cls head)  -> mmjax Blip2LM
+    blip2_t5.py         stage 2 with Flan-T5: query_tokens, t5_proj, t5_model.* (transformers'
+                        T5ForConditionalGeneration names, modeling_t5.py)  -> mmjax Blip2T5
+                        (mmjax.convert.blip2_t5)
 
 A LAVIS file has no config: sizes come from the shapes. Head counts do not, so they are the
 published ones unless given: EVA ViT-g's head width 88 (1408 / 16), BERT's 64, and OPT's from
@@ -24,12 +27,12 @@ ln_vision uses torch's LayerNorm eps 1e-5, mmjax (as transformers) the ViT's 1e-
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from mmjax import paths
-from mmjax.convert import blip2, decoder_lm, io
+from mmjax.convert import blip2, blip2_t5, decoder_lm, io
 from mmjax.convert.engine import (
     HEADS_BIAS,
     HEADS_IN,
@@ -53,7 +56,7 @@ _VISION_LAYER = re.compile(r"visual_encoder\.blocks\.(\d+)\.")
 _QFORMER_LAYER = re.compile(r"Qformer\.bert\.encoder\.layer\.(\d+)\.")
 _OPT_LAYER = re.compile(r"opt_model\.model\.decoder\.layers\.(\d+)\.")
 _IGNORE = (r".*position_ids",)
-_UNSUPPORTED = {"t5_model.": "blip2_t5 (Flan-T5)", "llm_model.": "InstructBLIP / blip2_vicuna_instruct",
+_UNSUPPORTED = {"llm_model.": "InstructBLIP / blip2_vicuna_instruct",
                 "llama_model.": "MiniGPT-4 (use --source minigpt4)"}
 
 
@@ -101,12 +104,18 @@ def _bare_eva(state: Mapping) -> bool:
     return "blocks.0.attn.qkv.weight" in state and not any(k.startswith("visual_encoder.") for k in state)
 
 
-def assemble(files: list[str], lm_prefix: str) -> tuple[dict[str, np.ndarray], list[str], dict | None]:
+def lm_prefix(lm_config: dict) -> str:
+    """Where LAVIS keeps the LM whose transformers config.json this is: t5_model. (blip2_t5) or opt_model."""
+    return blip2_t5.LAVIS_PREFIX if lm_config.get("model_type") == "t5" else "opt_model."
+
+
+def assemble(files: list[str], lm_prefix: str | Callable[[dict], str]
+             ) -> tuple[dict[str, np.ndarray], list[str], dict | None]:
     """One state dict from the files a LAVIS-style model is loaded from (the released checkpoints
     keep trained parameters only): LAVIS / MiniGPT-4 files as they are, a transformers folder (the
-    LM) under `lm_prefix` ("opt_model.", "llama_model."), and EVA's own ViT file (eva_vit_g.pth:
-    `blocks.*`, no prefix) under `visual_encoder.`, its 40th block left out as BLIP-2's
-    create_eva_vit_g builds 39. Returns (state, notes, the LM folder's config.json or None); a key
+    LM) under `lm_prefix` ("opt_model.", "llama_model."; or a function of its config.json), and
+    EVA's own ViT file (eva_vit_g.pth: `blocks.*`, no prefix) under `visual_encoder.`, its 40th block
+    left out as BLIP-2's create_eva_vit_g builds 39. Returns (state, notes, the LM folder's config.json or None); a key
     two files give differently is an error."""
     state: dict[str, np.ndarray] = {}
     origin: dict[str, str] = {}
@@ -114,7 +123,8 @@ def assemble(files: list[str], lm_prefix: str) -> tuple[dict[str, np.ndarray], l
     for path in files:
         if paths.isdir(path):
             lm_config, part = io.read_hf_folder(path)
-            part = {lm_prefix + k: v for k, v in part.items()}
+            prefix = lm_prefix(lm_config) if callable(lm_prefix) else lm_prefix
+            part = {prefix + k: v for k, v in part.items()}
         else:
             part = io.read_state_dict(path)
             if _bare_eva(part):
@@ -187,15 +197,19 @@ def _tied_head(state: Mapping) -> tuple[str, ...]:
 
 
 def from_lavis(state: Mapping[str, np.ndarray], *, vision_head_dim: int = EVA_G_HEAD_DIM,
-               qformer_head_dim: int = BERT_HEAD_DIM, lm_num_heads: int | None = None) -> Plan:
-    """The plan of a LAVIS BLIP-2 state dict: `blip2_opt` -> Blip2LM, `blip2` /
+               qformer_head_dim: int = BERT_HEAD_DIM, lm_num_heads: int | None = None,
+               lm_config: dict | None = None) -> Plan:
+    """The plan of a LAVIS BLIP-2 state dict: `blip2_opt` -> Blip2LM, `blip2_t5` -> Blip2T5 (T5's
+    sizes from `lm_config`, its transformers config.json, or the shapes), `blip2` /
     `blip2_feature_extractor` (stage 1) -> Blip2Retrieval (see the module docstring)."""
     for prefix, name in _UNSUPPORTED.items():
         if any(k.startswith(prefix) for k in state):
             raise ConversionError(f"{prefix}* keys: {name} checkpoints are not supported; supported: blip2_opt, "
-                                  f"blip2 / blip2_feature_extractor")
+                                  f"blip2_t5, blip2 / blip2_feature_extractor")
     vision, qformer = vision_fields(state, vision_head_dim), qformer_fields(state, qformer_head_dim)
     image = image_input(state, vision["patch_size"])
+    if "t5_proj.weight" in state:
+        return blip2_t5.lavis_plan(state, tower_rules(), vision, qformer, image, lm_config)
     if "opt_proj.weight" in state:
         lm_table = blip2.prefixed(decoder_lm.opt_table(), "opt_model.", "language_model/")
         table = Table((*tower_rules(), *linear("opt_proj", "language_projection"), *lm_table.rules),
@@ -204,8 +218,8 @@ def from_lavis(state: Mapping[str, np.ndarray], *, vision_head_dim: int = EVA_G_
         return Plan(blip2.LM, fields, [image, input_spec((1, 8), "int32")], table,
                     {"library": "lavis", "model": "blip2_opt"})
     if "itm_head.weight" not in state:
-        raise ConversionError("Not a supported LAVIS BLIP-2 checkpoint: neither opt_proj (blip2_opt) nor itm_head "
-                              "(blip2 / blip2_feature_extractor)")
+        raise ConversionError("Not a supported LAVIS BLIP-2 checkpoint: neither opt_proj (blip2_opt), t5_proj "
+                              "(blip2_t5) nor itm_head (blip2 / blip2_feature_extractor)")
     dropped = sorted(k for k in state if k.startswith("Qformer.cls.") or k == "temp")
     notes = [f"Dropped {dropped}: the ITG head and the ITC temperature have no place in Blip2Retrieval"
              ] if dropped else []

@@ -7,6 +7,8 @@
     mmjax-convert --source dall_e --model encoder --checkpoint dall_e_encoder.pt --output DIR
     mmjax-convert --source minigpt4 --checkpoint eva_vit_g.pth --checkpoint blip2_pretrained_flant5xxl.pth \
         --checkpoint VICUNA_FOLDER --checkpoint pretrained_minigpt4.pth --output DIR
+    mmjax-convert --source lavis --checkpoint eva_vit_g.pth --checkpoint blip2_pretrained_flant5xl.pth \
+        --checkpoint FLAN_T5_XL_FOLDER --output DIR        (LAVIS blip2_t5; blip2_opt with an OPT folder)
     mmjax-convert --to timm --input DIR --output model.safetensors
     mmjax-convert --to hf --input DIR --output HF_MODEL_FOLDER     (ViT, CLIP, MAE, BEiT)
 

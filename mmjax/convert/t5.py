@@ -7,7 +7,9 @@ does not). The word embeddings live once, in `shared.weight`: the encoder's and 
 untied (Flan-T5, T5 v1.1: `lm_head.weight`, no output scaling) or tied (T5 v1.0: the embeddings
 after scaling by d_model**-0.5, a `lm_head.weight` must equal them). transformers 5 always ties
 the head in a model built from a config and records the v1.1 case as scale_decoder_outputs=False;
-both spellings are read. `prefix` serves models that hold a T5 inside (BLIP-2: "language_model.").
+both spellings are read. A gated-gelu config's dense_act_fn picks the gate's GELU: tanh (gelu_new,
+transformers' default) or exact ("gelu": BLIP-2's Flan-T5, as LAVIS runs it). `prefix` serves
+models that hold a T5 inside (BLIP-2: "language_model.").
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from mmjax.pretrained import input_spec
 T5_CLASS = "mmjax.models.t5.T5"
 HF_ARCHITECTURES = ("T5ForConditionalGeneration",)
 FEED_FORWARD = {"gated-gelu": "geglu", "relu": "relu"}
+# gated-gelu's activation (dense_act_fn; transformers' default gelu_new): BLIP-2's Flan-T5 configs say "gelu"
+GATED_GELU = {"gelu_new": "geglu", "gelu_pytorch_tanh": "geglu", "gelu": "geglu_exact"}
+DENSE_ACT_FN = {"geglu": "gelu_new", "geglu_exact": "gelu", "relu": "relu"}
 HEAD, SHARED = "lm_head.weight", "shared.weight"
 COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
@@ -64,7 +69,7 @@ def _feed_forward(src: str, dst: str, gated: bool) -> list[Rule]:
 
 def t5_table(mlp: str = "geglu", prefix: str = "", ignore: tuple[str, ...] = ()) -> Table:
     """transformers T5 keys (after `prefix`) <-> T5 parameters; `mlp`: the model's feed-forward kind."""
-    gated = mlp == "geglu"
+    gated = mlp != "relu"
     enc, dec = f"{prefix}encoder.block.{{i}}.layer", f"{prefix}decoder.block.{{i}}.layer"
     bias = "layer.0.SelfAttention.relative_attention_bias.weight"
     return Table((
@@ -107,12 +112,19 @@ def fields_from_hf(config: dict) -> dict:
     if feed_forward not in FEED_FORWARD:
         raise ConversionError(f"T5 feed_forward_proj {feed_forward!r} is not supported; "
                               f"supported: {list(FEED_FORWARD)}")
+    mlp = FEED_FORWARD[feed_forward]
+    if mlp == "geglu":
+        act = get("dense_act_fn") or "gelu_new"
+        if act not in GATED_GELU:
+            raise ConversionError(f"T5 gated-gelu with dense_act_fn {act!r} is not supported; supported: "
+                                  f"{list(GATED_GELU)}")
+        mlp = GATED_GELU[act]
     tied = get("scale_decoder_outputs", get("tie_word_embeddings", True))
     return {"width": get("d_model", 512), "encoder_depth": get("num_layers", 6),
             "decoder_depth": get("num_decoder_layers") or get("num_layers", 6), "num_heads": get("num_heads", 8),
             "head_dim": get("d_kv", 64), "mlp_dim": get("d_ff", 2048), "vocab_size": get("vocab_size", 32128),
             "num_buckets": get("relative_attention_num_buckets", 32),
-            "max_distance": get("relative_attention_max_distance", 128), "mlp": FEED_FORWARD[feed_forward],
+            "max_distance": get("relative_attention_max_distance", 128), "mlp": mlp,
             "tie_embeddings": bool(tied), "norm_eps": get("layer_norm_epsilon", 1e-6)}
 
 
@@ -137,8 +149,8 @@ def hf_config(fields: dict, base: dict | None = None) -> dict:
                 "num_heads": arch["num_heads"], "d_kv": arch["head_dim"], "d_ff": arch["mlp_dim"],
                 "vocab_size": arch["vocab_size"], "relative_attention_num_buckets": model.num_buckets,
                 "relative_attention_max_distance": model.max_distance, "layer_norm_epsilon": model.norm_eps,
-                "feed_forward_proj": "gated-gelu" if model.mlp == "geglu" else "relu",
-                "dense_act_fn": "gelu_new" if model.mlp == "geglu" else "relu", "is_gated_act": model.mlp == "geglu",
+                "feed_forward_proj": "relu" if model.mlp == "relu" else "gated-gelu",
+                "dense_act_fn": DENSE_ACT_FN[model.mlp], "is_gated_act": model.mlp != "relu",
                 "tie_word_embeddings": model.tie_embeddings, "scale_decoder_outputs": model.tie_embeddings,
                 "dropout_rate": model.dropout, "is_encoder_decoder": True, "decoder_start_token_id": 0})
     out.setdefault("pad_token_id", 0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ast
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,7 @@ _IMAGE_TRANSFORMS: dict[str, Callable[..., Callable[[np.ndarray, np.random.Gener
     "random_erasing": random_erasing.RandomErasing,
 }
 KNOWN_OPS: list[str] = sorted([*_IMAGE_OPS, *_IMAGE_TRANSFORMS, "tokenize", "mlm_mask", "rename", "keep",
-                                 "shapes_question", "vqa_targets"])
+                                 "shapes_question", "shapes_caption", "vqa_targets", "format"])
 
 
 def split_ops(pp: str) -> list[str]:
@@ -120,6 +120,10 @@ def build_op(name: str, args: tuple, kwargs: dict, tokenizer: Tokenizer | None =
         return _call_factory(name, _shapes_question_op, args, kwargs)
     if name == "vqa_targets":
         return _call_factory(name, _vqa_targets_op, args, kwargs)
+    if name == "format":
+        return _call_factory(name, _format_op, args, kwargs)
+    if name == "shapes_caption":
+        return _call_factory(name, _shapes_caption_op, args, kwargs)
     raise ValueError(f"unknown pp op {name!r}; known ops: {', '.join(KNOWN_OPS)}")
 
 
@@ -247,6 +251,42 @@ def _shapes_question_op(out: str = "question", answer: str = "answer", answer_id
         text, answer_text, qtype = shapes_vqa.ask(example, rng)
         example.update({out: text, answer: answer_text, answer_id: np.int32(shapes_vqa.ANSWER_INDEX[answer_text]),
                         question_type: np.int32(qtype)})
+        return example
+
+    return op
+
+
+def _format_op(template: str | Sequence[str], out: str = "text") -> Op:
+    """`format('{caption} question: {question} answer: {answer}', out='document')`: a text made
+    of example fields (str.format names), as a language model's pretraining document. Several
+    templates: one drawn per example from its rng (captions mixed with question-answer texts)."""
+    import string
+
+    templates = [template] if isinstance(template, str) else list(template)
+    fields = [[f for _, f, _, _ in string.Formatter().parse(t) if f is not None] for t in templates]
+    if not templates or any(not fs or not all(f.isidentifier() for f in fs) for fs in fields):
+        raise ValueError(f"pp op 'format': every template of {template!r} must name example fields, as '{{caption}}'")
+
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        index = int(rng.integers(len(templates))) if len(templates) > 1 else 0
+        values = {}
+        for f in fields[index]:
+            value = _get("format", example, f)
+            values[f] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+        example[out] = templates[index].format(**values)
+        return example
+
+    return op
+
+
+def _shapes_caption_op(out: str = "caption2") -> Op:
+    """Another caption of a shapes example's scene (mmjax.data.shapes_captions.recaption), drawn
+    from the example's rng: text whose content the earlier caption predicts, for LM documents."""
+    from mmjax.data import shapes_captions
+
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        factors = [int(np.asarray(_get("shapes_caption", example, k))) for k in ("color", "shape", "size", "position")]
+        example[out] = shapes_captions.recaption(*factors, rng)
         return example
 
     return op

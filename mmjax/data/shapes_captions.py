@@ -95,6 +95,29 @@ def position_name(scene: Scene) -> str:
     return row if column == "center" else f"{row} {column}"
 
 
+def position_phrases() -> list[list[str]]:
+    """Every phrase a caption may use for each grid cell (row-major, as the examples' "position"):
+    the attribute words by which a generated caption names the right position (the captioning
+    evaluator's `attribute_words`)."""
+    out = []
+    for row in render.ROWS:
+        for column in render.COLUMNS:
+            phrases = [p for group in _position_phrases(row, column) for p in group]
+            verticals = _VERTICAL.get(row, [""])
+            out.append(sorted({p.format(v=v, h=column) for p in phrases for v in verticals}))
+    return out
+
+
+def recaption(color: int, shape: int, size: int, position: int, rng: np.random.Generator) -> str:
+    """Another caption of a scene known by its factors (an example's fields; the background, which
+    the examples do not record, drawn anew): a paraphrase of the example's own caption."""
+    scene = render.Scene(color=int(color), shape=int(shape), size=int(size), row=int(position) // 3,
+                         column=int(position) % 3, background=int(rng.integers(len(render.BACKGROUNDS))),
+                         center=(0.5, 0.5), radius=0.0, angle=0.0, rgb=(0, 0, 0), background_rgb=(0, 0, 0),
+                         noise_std=0.0, noise_seed=0)
+    return make_caption(scene, rng)
+
+
 def make_caption(scene: Scene, rng: np.random.Generator) -> str:
     """Returns a random English caption describing `scene`."""
     row, column = render.ROWS[scene.row], render.COLUMNS[scene.column]

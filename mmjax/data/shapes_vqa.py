@@ -12,6 +12,7 @@ one ground-truth answer, so its VQA v2 soft-score target is 1.0 at `answer_id` a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,6 +46,13 @@ ANSWERS: tuple[str, ...] = tuple(name for _, names in FACTORS.values() for name 
 ANSWER_INDEX: dict[str, int] = {answer: i for i, answer in enumerate(ANSWERS)}
 # Answers each question type can have: chance is 1 / len of these (colour 1/4 ... position 1/9).
 TYPE_ANSWERS: dict[str, tuple[str, ...]] = {qtype: names for qtype, (_, names) in FACTORS.items()}
+
+
+def vocabulary() -> list[str]:
+    """Every word of the questions and answers, and "question" / "answer" (the prompt template's
+    words), in a fixed order: what a word tokenizer over the captions lacks for prompted VQA."""
+    texts = [q for phrasings in PHRASINGS.values() for q in phrasings] + list(ANSWERS) + ["question answer"]
+    return list(dict.fromkeys(w for text in texts for w in re.findall(r"[^\W_]+", text.lower())))
 
 
 def ask(example: Mapping[str, Any], rng: np.random.Generator) -> tuple[str, str, int]:

@@ -9,14 +9,24 @@ import numpy as np
 from mmjax.evaluate.zeroshot import normalize
 
 
+def similarities(image_embs: np.ndarray, text_embs: np.ndarray) -> np.ndarray:
+    """(n_img, n_txt) cosine similarities; images with several embeddings each (n_img, Q, D),
+    BLIP-2's one per query, score a text by their best one (the paper's ITC at test time)."""
+    image_embs, text_embs = normalize(np.asarray(image_embs)), normalize(np.asarray(text_embs))
+    if image_embs.ndim == 3:
+        return np.einsum("iqd,td->itq", image_embs, text_embs).max(axis=-1)
+    return image_embs @ text_embs.T
+
+
 def recall_at_k(image_embs: np.ndarray, text_embs: np.ndarray, ks: Sequence[int] = (1, 5, 10),
                 text_to_image: np.ndarray | None = None) -> dict[str, float]:
     """R@K both ways. `text_to_image[j]` is the image index of caption j (default: j).
 
     Image→text counts a hit when any of the image's captions is in the top K; text→image when
-    the caption's own image is in the top K (the usual COCO/Flickr protocol).
+    the caption's own image is in the top K (the usual COCO/Flickr protocol). Image embeddings
+    may be (n_img, Q, D), several per image (see `similarities`).
     """
-    sims = normalize(image_embs) @ normalize(text_embs).T            # (n_img, n_txt)
+    sims = similarities(image_embs, text_embs)            # (n_img, n_txt)
     return recall_from_scores(sims, sims.T, ks, text_to_image)
 
 

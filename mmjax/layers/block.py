@@ -37,7 +37,7 @@ class BlockConfig:
     norm: "pre" (ViT, CLIP, LLaMA) or "post" (BERT, BLIP) residual normalisation.
     norm_kind, norm_eps, norm_bias, norm_scale: "layernorm" or "rmsnorm" and its options.
     mlp: feed-forward kind ("gelu" exact, "gelu_tanh", "quick_gelu", "relu", "silu", "swiglu",
-        "geglu"); mlp_bias: biases of its dense layers.
+        "geglu", "geglu_exact"); mlp_bias: biases of its dense layers.
     q_bias, k_bias, v_bias, out_bias: each attention projection's bias (BEiT / EVA: no k bias).
     causal: queries see only keys at or before their position.
     cross_attention: a cross-attention sub-layer to a given `context` after self-attention.

@@ -1,8 +1,9 @@
 """The feed-forward block: Dense → activation → Dense, or a gated variant (GLU family).
 
 `act` names an activation of `common.activation` ("gelu" is exact, erf form; "gelu_tanh",
-"quick_gelu", "relu", "silu") or a gated kind: "swiglu" (SiLU gate, LLaMA) and "geglu" (tanh-GELU
-gate, T5 v1.1's gated-gelu). Gated kinds compute fc2(act(gate(x)) · fc1(x)); parameters: `gate`
+"quick_gelu", "relu", "silu") or a gated kind: "swiglu" (SiLU gate, LLaMA), "geglu" (tanh-GELU
+gate, T5 v1.1's gated-gelu) and "geglu_exact" (exact-GELU gate: the Flan-T5 of BLIP-2's checkpoints,
+whose configs set dense_act_fn "gelu"). Gated kinds compute fc2(act(gate(x)) · fc1(x)); parameters: `gate`
 (the activated projection: LLaMA's gate_proj, T5's wi_0), `fc1` (up_proj / wi_1), `fc2`.
 """
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 
 from mmjax.layers.common import Dtype, activation, constrain, dense_init
 
-GATED = {"swiglu": "silu", "geglu": "gelu_tanh"}
+GATED = {"swiglu": "silu", "geglu": "gelu_tanh", "geglu_exact": "gelu"}
 
 
 def check_kind(act: str) -> None:

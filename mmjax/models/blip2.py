@@ -185,14 +185,15 @@ def text_lm_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array, prompt_l
     return language.token_cross_entropy(logits, language.causal_lm_labels(labels))
 
 
-def generate_text(model: Blip2LM, variables: dict, images: jax.Array, prompt: jax.Array,
+def generate_text(model: nn.Module, variables: dict, images: jax.Array, prompt: jax.Array,
                   config: generate.GenerationConfig, *, prompt_mask: jax.Array | None = None,
                   generator: generate.Generator | None = None) -> generate.GenerationOutput:
     """Tokens after the image and `prompt` (captioning: the BOS alone; VQA: BOS + "Question: ...
     Answer:"), as transformers' Blip2ForConditionalGeneration.generate: the soft prompt is computed
     once, then the LM alone decodes with its KV cache. Pass a `generator` (built with
-    `language_generator`) to reuse its compiled program across calls."""
-    image_prompt = jax.jit(lambda v, x: model.apply(v, x, method=Blip2LM.image_prompt))(variables, images)
+    `language_generator`) to reuse its compiled program across calls. `model`: a Blip2LM, or any
+    bridge with its `image_prompt` and `lm_fields` (MiniGPT4, resampler_lm.ResamplerLM)."""
+    image_prompt = jax.jit(lambda v, x: model.apply(v, x, method="image_prompt"))(variables, images)
     if generator is None:
         generator = language_generator(model, config.total_length(prompt.shape[1]))
     inputs = {"prefix_embeds": image_prompt, "prefix_mask": jnp.ones(image_prompt.shape[:2], bool)}

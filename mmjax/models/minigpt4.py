@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax import generate
 from mmjax.losses import language
@@ -102,6 +103,29 @@ def lm_loss(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> tuple[jax.
     text = language.labels_from_tokens(tokens, mask)
     labels = jnp.concatenate([jnp.full((tokens.shape[0], prefix), language.IGNORE_ID, text.dtype), text], axis=1)
     return language.token_cross_entropy(logits, language.causal_lm_labels(labels))
+
+
+def end_sequences(tokenizer, end_symbol: str = END_SYMBOL) -> list[tuple[int, ...]]:
+    """The id sequences that spell `end_symbol` at a word's start and inside one (LLaMA: "▁###" is one
+    id, 835, and "###" after other text "##" + "#", 2277 29937: the official demo's stop words);
+    none for a tokenizer that drops the symbol (the shapes word tokenizer)."""
+    spelled = {tuple(tokenizer.encode(end_symbol))}
+    probe = tokenizer.encode("a")
+    with_text = tokenizer.encode("a" + end_symbol)
+    if with_text[:len(probe)] == probe:
+        spelled.add(tuple(with_text[len(probe):]))
+    return sorted(s for s in spelled if s)
+
+
+def cut_at_end(ids: np.ndarray, sequences: list[tuple[int, ...]], pad: int) -> np.ndarray:
+    """`ids` (rows of generated tokens) with each row padded from the first of `sequences` on, as
+    the official demo cuts its answer at "###"."""
+    ids = np.array(ids)
+    for row in ids:
+        ends = [i for seq in sequences for i in range(len(row) - len(seq) + 1) if tuple(row[i:i + len(seq)]) == seq]
+        if ends:
+            row[min(ends):] = pad
+    return ids
 
 
 def chat(model: MiniGPT4, variables: dict, images: jax.Array, after: jax.Array, config: generate.GenerationConfig,

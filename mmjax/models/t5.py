@@ -3,7 +3,8 @@
 
 Structure (as transformers' T5ForConditionalGeneration): pre-LN with T5's RMS LayerNorm (no mean,
 no bias), attention and feed-forward without biases, gated-GELU (tanh) feed-forward ("geglu";
-T5 v1.0's "relu"), relative position buckets (bidirectional in the encoder, causal in the
+"geglu_exact" with the exact GELU, as BLIP-2's Flan-T5 configs set dense_act_fn "gelu"; T5 v1.0's
+"relu"), relative position buckets (bidirectional in the encoder, causal in the
 decoder) whose per-head bias table is the first layer's and is added in every layer, no
 position embeddings, a final norm after each stack, an untied head (v1.1 / Flan) or the word
 embeddings as head after scaling by width**-0.5 (`tie_embeddings=True`, T5 v1.0).
@@ -43,7 +44,7 @@ VARIANTS = {
     "flan-t5-xxl": (4096, 24, 24, 64, 64, 10240, 32128),
 }
 ARCH_FIELDS = ("width", "encoder_depth", "decoder_depth", "num_heads", "head_dim", "mlp_dim", "vocab_size")
-MLP_KINDS = ("geglu", "relu")
+MLP_KINDS = ("geglu", "geglu_exact", "relu")
 _NORMAL = nn.initializers.normal(1.0)
 
 

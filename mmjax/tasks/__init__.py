@@ -22,7 +22,10 @@ _TASKS = {
     "blip_vqa": "mmjax.tasks.blip_finetune:BlipVqaTask",
     "blip2_stage1": "mmjax.tasks.blip2:Blip2Stage1Task",
     "blip2_stage2": "mmjax.tasks.blip2:Blip2Stage2Task",
+    "blip2_stage2_t5": "mmjax.tasks.blip2_t5:Blip2Stage2T5Task",
     "minigpt4": "mmjax.tasks.minigpt4:MiniGPT4Task",
+    "causal_lm": "mmjax.tasks.causal_lm:CausalLMTask",
+    "resampler_lm": "mmjax.tasks.resampler_lm:ResamplerLMTask",
 }
 
 

@@ -25,9 +25,11 @@ scored). Vision and LM are frozen by the recipe. Config::
     model = dict(vision=dict(...), qformer=dict(...), lm=dict(variant="opt-2.7b"))      # stage 2
     loss = dict(itc_label_smoothing=0.1, lm_label_smoothing=0.1, negative_floor=0.0)    # stage 1
     loss = dict(prompt_length=1)                                                        # stage 2
+    caption = dict(prompt="a photo of")         # stage 2: words after the BOS when captioning (optional)
 
-Predict functions: stage 1 has `image_tokens` and `match_tokens` (ITM scores); its ITC embeddings
-are one per query, which the (B, D) `embed_images` of the retrieval evaluators cannot express.
+Predict functions: stage 1 has `embed_images` (B, Q, E: one ITC embedding per query; the retrieval
+evaluators score a text by the best query, as the paper), `embed_texts`, `image_tokens` and
+`match_tokens` (ITM scores): the `retrieval` and `itm_retrieval` (ITM re-ranking) evaluators.
 Stage 2 has `caption` (greedy / beam search after the soft prompt and the BOS) and `answer` (zero-shot
 VQA: greedy text after the soft prompt and a "Question: {} Answer:" prompt the eval pp writes).
 """
@@ -117,6 +119,14 @@ def _image_tokens(model: blip2.Blip2Pretrain, images):
     return model.encode_image(images)
 
 
+def _embed_images(model: blip2.Blip2Pretrain, images):
+    return model.embed_image(model.encode_image(images))
+
+
+def _embed_texts(model: blip2.Blip2Pretrain, tokens, mask):
+    return model.embed_text(tokens, mask)
+
+
 def _match(model: blip2.Blip2Pretrain, image_tokens, tokens, mask):
     return model.match(tokens, mask, image_tokens)[:, 1]
 
@@ -147,6 +157,8 @@ class Blip2Stage1Task(base.Task):
         apply = self.model.apply
         self._image_tokens = jax.jit(functools.partial(apply, method=_image_tokens))
         self._match = jax.jit(functools.partial(apply, method=_match))
+        self._embed_images = jax.jit(functools.partial(apply, method=_embed_images))
+        self._embed_texts = jax.jit(functools.partial(apply, method=_embed_texts))
 
     def mask(self, tokens: jax.Array) -> jax.Array:
         return tokens != self.tokenizer.pad_token_id
@@ -196,6 +208,16 @@ class Blip2Stage1Task(base.Task):
 
     # --- predict functions (mmjax.evaluate.runner.PREDICT_FUNCTIONS) ----------------------------
 
+    def embed_images(self, params, images: jax.Array) -> jax.Array:
+        """(B, Q, embed_dim): one normalised ITC embedding per query; the retrieval evaluators score a
+        text by the best query (mmjax.evaluate.retrieval.similarities)."""
+        return self._embed_images({"params": params}, images)
+
+    def embed_texts(self, params, tokens: jax.Array) -> jax.Array:
+        """(B, embed_dim): the normalised ITC embedding of each text's [CLS]."""
+        tokens = jnp.asarray(tokens)
+        return self._embed_texts({"params": params}, tokens, self.mask(tokens))
+
     def image_tokens(self, params, images: jax.Array) -> jax.Array:
         """(B, 1 + patches, vision width): the frozen encoder's tokens the queries cross-attend to."""
         return self._image_tokens({"params": params}, images)
@@ -204,6 +226,21 @@ class Blip2Stage1Task(base.Task):
         """(B,) ITM 'match' logits of (image_tokens i, text i)."""
         tokens = jnp.asarray(tokens)
         return self._match({"params": params}, image_tokens, tokens, self.mask(tokens))
+
+
+def prompt_token_mask(tokens: np.ndarray, tokenizer) -> np.ndarray:
+    """(B, L) bool: the real tokens of right-padded prompts, less a closing end-of-text id that a
+    tokenizer which always appends one (the shapes word tokenizer) put after the prompt: the
+    answer must follow "Answer:" itself. A first token (OPT's BOS is its EOS too) is kept."""
+    mask = tokens != tokenizer.pad_token_id
+    eot = getattr(tokenizer, "eot_token_id", None)
+    if eot is None:
+        return mask
+    last = mask.sum(axis=1) - 1
+    rows = np.arange(len(tokens))
+    closing = (last > 0) & (tokens[rows, np.maximum(last, 0)] == eot)
+    mask[rows[closing], last[closing]] = False
+    return mask
 
 
 class LMBridgeTask(base.Task):
@@ -258,11 +295,17 @@ class Blip2Stage2Task(LMBridgeTask):
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        self.model = blip2.Blip2LM(**model_fields(config, STAGE2_MODEL_KEYS))
+        self.model = self.build_model(config)
         check_vocab(self.tokenizer, self.model)
+        self.caption_prompt = str(checked_keys(dict(config.get("caption") or {}), ("prompt",), "caption")
+                                  .get("prompt") or "")
         self.prompt_length = int(_options(config, STAGE2_LOSS)["prompt_length"])
         if self.prompt_length < 0:
             raise ValueError(f"loss.prompt_length must be >= 0, got {self.prompt_length}")
+
+    def build_model(self, config: ml_collections.ConfigDict):
+        """The bridge model (a subclass swaps the Q-Former for another bridge)."""
+        return blip2.Blip2LM(**model_fields(config, STAGE2_MODEL_KEYS))
 
     def init_variables(self, rng, batch):
         text = jnp.asarray(batch["text"])
@@ -278,9 +321,10 @@ class Blip2Stage2Task(LMBridgeTask):
     def answer(self, params, images: jax.Array, tokens: jax.Array) -> list[str]:
         """Zero-shot VQA (the `vqa` evaluator's contract): the greedy text after the soft prompt and
         each tokenized prompt, BOS first, right-padded as the pipeline writes it; the eval pp makes
-        the prompt (`tokenize(key='question', prefix='Question: ', suffix=' Answer:')`, the paper's)."""
+        the prompt (`tokenize(key='question', prefix='Question: ', suffix=' Answer:')`, the paper's). A
+    tokenizer's end-of-text after the prompt is not part of it (see `prompt_token_mask`)."""
         tokens = np.asarray(tokens)
-        mask = tokens != self.tokenizer.pad_token_id
+        mask = prompt_token_mask(tokens, self.tokenizer)
         order = np.argsort(mask, axis=1, kind="stable")        # padding first: the prompts left-padded
         prompt, prompt_mask = np.take_along_axis(tokens, order, 1), np.take_along_axis(mask, order, 1)
         config = self._generation_config({"max_new_tokens": ANSWER_TOKENS})
@@ -291,12 +335,15 @@ class Blip2Stage2Task(LMBridgeTask):
         return [self.tokenizer.decode(row).strip() for row in rows]
 
     def caption(self, params, images: jax.Array, settings: dict | None = None) -> jax.Array:
-        """(B·num_return_sequences, L) int32 ids generated after the soft prompt and the BOS
-        (settings: GenerationConfig fields; greedy by default)."""
+        """(B·num_return_sequences, L) int32 ids generated after the soft prompt, the BOS and the
+        words of `caption.prompt` (LAVIS's captioning prompt, e.g. "a photo of"; none by default),
+        without them (settings: GenerationConfig fields; greedy by default)."""
         settings = dict(settings or {})
         settings.setdefault("max_new_tokens", self.tokenizer.context_length)
         config = self._generation_config(settings)
-        prompt = jnp.full((images.shape[0], 1), self.bos_token_id, jnp.int32)
+        ids = [self.bos_token_id, *self.tokenizer.encode(self.caption_prompt)] if self.caption_prompt else [
+            self.bos_token_id]
+        prompt = jnp.broadcast_to(jnp.asarray(ids, jnp.int32), (images.shape[0], len(ids)))
         out = blip2.generate_text(self.model, {"params": params}, images, prompt, config,
-                                  generator=self._generator(config.total_length(1)))
+                                  generator=self._generator(config.total_length(len(ids))))
         return out.generated.astype(jnp.int32)

@@ -94,14 +94,20 @@ class MiniGPT4Task(blip2_tasks.LMBridgeTask):
 
     def caption(self, params, images: jax.Array, settings: dict | None = None) -> jax.Array:
         """(B·num_return_sequences, L) int32 ids answering the first instruction (settings:
-        GenerationConfig fields; greedy by default); generation stops at the tokenizer's EOS."""
+        GenerationConfig fields; greedy by default); generation stops at the tokenizer's EOS and at
+        the end symbol "###", as the official demo (padding from it on)."""
         if self.prompts is None:
             raise ValueError("MiniGPT-4 captions answer a prompt: set prompt.instructions (stage 2's template)")
         settings = dict(settings or {})
         settings.setdefault("max_new_tokens", self.tokenizer.context_length)
         config = self._generation_config(settings)
+        ends = minigpt4.end_sequences(self.tokenizer)
+        single = tuple(seq[0] for seq in ends if len(seq) == 1)
+        if single:          # a one-id "###" stops the rows; longer spellings are cut afterwards
+            config = config.replace(eos_token_id=tuple(config.eos_token_id or ()) + single)
         prompt = {k: jnp.broadcast_to(v, (images.shape[0], v.shape[-1])) for k, v in self._prompt(0).items()}
         out = minigpt4.chat(self.model, {"params": params}, images, prompt["after"], config,
                             before=prompt["before"], before_mask=prompt["before_mask"], after_mask=prompt["after_mask"],
                             generator=self._generator(config.total_length(prompt["after"].shape[1])))
-        return out.generated.astype(jnp.int32)
+        ids = np.asarray(out.generated).astype(np.int32)
+        return jnp.asarray(minigpt4.cut_at_end(ids, ends, self.tokenizer.pad_token_id))

@@ -69,6 +69,20 @@ def test_cpu_benchmark_blip_section(tmp_path):
     assert "ratio mmjax÷transformers" in (tmp_path / "blip.md").read_text()
 
 
+def test_cpu_benchmark_blip2_section(tmp_path):
+    """The blip2 section on a tiny BLIP-2: frozen towers on both sides, the same losses step by step
+    (the trained bridge moves them), and only the bridge holds optimizer state on mmjax's side."""
+    out = str(tmp_path / "blip2.json")
+    cpu.main(["--smoke", "--sections", "blip2", "--out", out])
+    with open(out) as f:
+        train = json.load(f)["blip2"]["train"]
+    losses = train["losses"]
+    assert train["max_loss_diff"] < 1e-4 and len(losses["mmjax"]) == 3 and losses["mmjax"][0] != losses["mmjax"][-1]
+    assert 0 < train["mmjax"]["trained_millions"] < train["mmjax"]["params_millions"] / 10
+    assert 1.0 <= train["flops"]["agreement"] < 1.1 and train["ratio"] > 0
+    assert "BLIP-2 stage-2 train step" in (tmp_path / "blip2.md").read_text()
+
+
 def test_fusion_memory_measures_a_recipe_with_task_state():
     """benchmarks/fusion_memory.py on a recipe whose task owns state (EMA model + queues), fsdp."""
     from benchmarks import fusion_memory

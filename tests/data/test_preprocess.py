@@ -190,3 +190,18 @@ def test_bad_configuration_errors():
         _run("normalize('cifar')")
     with pytest.raises(KeyError, match="no key 'label'"):
         _run("keep('label')")
+
+
+def test_format_joins_example_fields_and_draws_one_of_several_templates():
+    from mmjax.data.preprocess import Preprocess as P
+
+    one = P("format('{caption} question: {question}', out='doc')")({"caption": b"a red circle", "question": "where?"},
+                                                                   np.random.default_rng(0))
+    assert one["doc"] == "a red circle question: where?"
+    several = P("format(['{caption}', 'q {question}'], out='doc')")
+    docs = {several({"caption": "c", "question": "x"}, np.random.default_rng(seed))["doc"] for seed in range(20)}
+    assert docs == {"c", "q x"}
+    with pytest.raises(KeyError, match="answer"):
+        P("format('{answer}')")({"caption": "c"}, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="must name example fields"):
+        P("format('no fields')")

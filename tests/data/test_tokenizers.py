@@ -373,3 +373,20 @@ def test_clip_tokenizer_pickles_for_data_workers():
     copy = pickle.loads(pickle.dumps(tok))
     texts = ["a photo of a cat.", "Ünïcödé & punctuation!!"]
     np.testing.assert_array_equal(copy(texts), tok(texts))
+
+
+def test_shapes_word_tokenizer_with_question_words_batched_decode_and_no_bos():
+    from mmjax.data import shapes_vqa
+
+    plain = build_tokenizer({"name": "shapes"})
+    qa = build_tokenizer({"name": "shapes", "questions": True, "context_length": 32})
+    text = "a red circle question: what colour is the shape? answer: red"
+    ids = qa(text)[0]
+    assert qa.unk_token_id not in ids and plain.unk_token_id in plain(text)     # "question", "what" are new words
+    assert qa.vocab_size == plain.vocab_size + len(set(shapes_vqa.vocabulary()) - set(plain.words))
+    assert plain.encode("a red circle") == qa.encode("a red circle")       # the caption words keep their ids
+    assert qa.decode(ids[None].repeat(2, 0)) == [qa.decode(ids)] * 2 == [text.replace("?", "").replace(":", "")] * 2
+    no_bos = build_tokenizer({"name": "shapes", "add_bos": False})
+    assert list(no_bos("a red circle")[0, :4]) == [*plain.encode("a red circle"), plain.eot_token_id]
+    with pytest.raises(ValueError, match="outside the word tokenizer"):
+        plain.decode([plain.vocab_size])

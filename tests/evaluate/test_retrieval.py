@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mmjax.evaluate.retrieval import recall_at_k
+from mmjax.evaluate.retrieval import recall_at_k, similarities
 
 
 def _gaussian(n, d=64, seed=0):
@@ -110,3 +110,11 @@ def test_bad_mapping_raises(mapping):
 def test_negative_mapping_raises():
     with pytest.raises(ValueError, match="text_to_image"):
         recall_at_k(np.eye(4), np.eye(4), text_to_image=np.array([0, 1, 2, -1]))
+
+
+def test_several_embeddings_per_image_score_a_text_by_the_best_one():
+    """BLIP-2's ITC at test time: image 0's second query matches text 1, image 1's first text 0."""
+    images = np.array([[[1.0, 0.0], [0.0, 2.0]], [[0.6, 0.8], [-1.0, 0.0]]])     # (2 images, 2 queries, 2)
+    texts = np.array([[0.6, 0.8], [0.0, 1.0]])
+    np.testing.assert_allclose(similarities(images, texts), [[0.8, 1.0], [1.0, 0.8]])
+    assert recall_at_k(images, texts, ks=(1,)) == {"i2t_r1": 0.0, "t2i_r1": 0.0}

@@ -101,6 +101,19 @@ def test_itc_is_the_best_query_against_the_text_cls(stage1):
     assert metrics["i2t_loss"] == pytest.approx(i2t, abs=2e-5) and metrics["t2i_loss"] == pytest.approx(t2i, abs=2e-5)
 
 
+def test_retrieval_predict_functions_give_the_training_itc(stage1):
+    """`embed_images` (one embedding per query) and `embed_texts` are what ITC trains on: the
+    retrieval evaluators' similarities (best query) equal the loss's, before the temperature."""
+    from mmjax.evaluate import retrieval
+
+    task, batch, params, _, _, pieces = stage1
+    images = np.asarray(task.embed_images(params, batch["image"]))
+    texts = np.asarray(task.embed_texts(params, batch["text"]))
+    assert images.shape == pieces["queries"].shape and texts.shape == pieces["texts"].shape
+    want = np.einsum("iqe,te->itq", pieces["queries"].astype(np.float64), pieces["texts"].astype(np.float64)).max(-1)
+    np.testing.assert_allclose(retrieval.similarities(images, texts), want, atol=1e-5)
+
+
 def test_itm_scores_positives_and_hard_negatives_of_the_global_batch(stage1):
     *_, metrics, pieces = stage1
     own = np.arange(BATCH)
@@ -224,7 +237,8 @@ def test_zero_shot_answers_follow_the_left_padded_prompt():
     got = task.answer(params, batch["image"], tokens)
     wider = np.concatenate([tokens, np.full((2, 3), task.tokenizer.pad_token_id, tokens.dtype)], 1)
     assert task.answer(params, batch["image"], wider) == got
-    mask = tokens != task.tokenizer.pad_token_id
+    # the word tokenizer closes every text with its end-of-text id: the prompt ends before it
+    mask = (tokens != task.tokenizer.pad_token_id) & (tokens != task.tokenizer.eot_token_id)
     left = np.full_like(tokens, task.tokenizer.pad_token_id)
     for row, (ids, real) in enumerate(zip(tokens, mask)):
         left[row, tokens.shape[1] - real.sum():] = ids[real]
@@ -234,3 +248,29 @@ def test_zero_shot_answers_follow_the_left_padded_prompt():
                               prompt_mask=jnp.asarray(left != task.tokenizer.pad_token_id))
     want = [task.tokenizer.decode(row).strip() for row in np.asarray(out.generated)]
     assert got == want and len(got) == 2 and all(isinstance(t, str) for t in got)
+
+
+def test_caption_prompt_is_read_before_the_caption_and_left_out_of_it():
+    """`caption.prompt` (LAVIS's "a photo of"): the caption is what the LM writes after the soft
+    prompt, the BOS and the prompt's words, without those words."""
+    config = configs.load_config(STAGE2)
+    with config.unlocked():
+        config.caption = {"prompt": "a picture of"}
+    task = tasks.get_task(config)
+    batch = _batch(task, n=2)
+    params = _init(task, batch)
+    got = np.asarray(task.caption(params, batch["image"], {"max_new_tokens": 6}))
+    words = task.tokenizer.encode("a picture of")
+    prompt = jnp.asarray([[task.bos_token_id, *words]] * 2, jnp.int32)
+    config = generate.GenerationConfig(max_new_tokens=6, eos_token_id=task.tokenizer.eot_token_id,
+                                       pad_token_id=task.tokenizer.pad_token_id)
+    want = blip2.generate_text(task.model, {"params": params}, batch["image"], prompt, config).generated
+    np.testing.assert_array_equal(got, np.asarray(want))
+    no_prompt = tasks.get_task(configs.load_config(STAGE2))
+    plain = np.asarray(no_prompt.caption(params, batch["image"], {"max_new_tokens": 6}))
+    assert len(words) == 3 and not np.array_equal(plain, got)
+    with pytest.raises(ValueError, match="Unknown caption key"):
+        bad = configs.load_config(STAGE2)
+        with bad.unlocked():
+            bad.caption = {"promt": "a"}
+        tasks.get_task(bad)

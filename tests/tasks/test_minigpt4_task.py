@@ -57,3 +57,21 @@ def test_caption_answers_the_first_instruction_as_if_unpadded():
     want = minigpt4.chat(task.model, {"params": params}, images, ids(after), settings, before=ids(before))
     assert got.shape == (2, 5)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want.generated))
+
+
+def test_answers_end_at_the_end_symbol_as_the_official_demo():
+    """LLaMA spells "###" as one id at a word's start (835) and as "##" + "#" (2277, 29937) after
+    other text: the first ends decoding, the second is cut from the answer; the shapes word
+    tokenizer drops the symbol, so nothing is cut."""
+    class LlamaLike:
+        spelled = {"###": [835], "a": [9], "a###": [9, 2277, 29937]}
+
+        def encode(self, text):
+            return self.spelled[text]
+
+    ends = minigpt4.end_sequences(LlamaLike())
+    assert ends == [(835,), (2277, 29937)]
+    ids = np.array([[5, 2277, 29937, 7], [5, 6, 7, 8], [835, 1, 2, 3]])
+    np.testing.assert_array_equal(minigpt4.cut_at_end(ids, ends, pad=0), [[5, 0, 0, 0], [5, 6, 7, 8], [0, 0, 0, 0]])
+    task = tasks.get_task(configs.load_config("experiments/minigpt4/stage2.py:smoke=True"))
+    assert minigpt4.end_sequences(task.tokenizer) == []

@@ -57,7 +57,12 @@ def _build_hf(spec: Mapping[str, Any]) -> HFTokenizer:
 def _build_shapes(spec: Mapping[str, Any]) -> WordTokenizer:
     from mmjax.data import shapes  # lazy: only this tokenizer needs the data set
 
-    return WordTokenizer(shapes.VOCAB, context_length=spec.get("context_length", 16))
+    words = list(shapes.VOCAB)
+    if spec.get("questions", False):     # the VQA-on-shapes words after the caption words (same ids for those)
+        from mmjax.data import shapes_vqa
+
+        words += shapes_vqa.vocabulary()
+    return WordTokenizer(words, context_length=spec.get("context_length", 16), add_bos=spec.get("add_bos", True))
 
 
 _WORDPIECE_OPTIONS = {"lowercase", "strip_accents", "tokenize_chinese_chars", "split_special_tokens", "truncate"}
@@ -97,7 +102,7 @@ def _build_gpt2_bpe(spec: Mapping[str, Any]) -> GPT2BPETokenizer:
 _BUILDERS = {
     "clip": (_build_clip, {"vocab_path", "context_length"}),
     "hf": (_build_hf, {"path", "context_length", "pad_token_id", "clean"}),
-    "shapes": (_build_shapes, {"context_length"}),
+    "shapes": (_build_shapes, {"context_length", "questions", "add_bos"}),
     "wordpiece": (_build_wordpiece, {"path", "context_length", *_WORDPIECE_OPTIONS}),
     "shapes_wordpiece": (_build_shapes_wordpiece, {"context_length"}),
     "spm": (_build_sentencepiece, {"path", "context_length", "extra_ids", *_LM_OPTIONS}),
@@ -110,7 +115,8 @@ def build_tokenizer(spec: Mapping[str, Any]) -> Tokenizer:
 
     Names: "clip" (vocab_path defaults to open_clip's bundled file),
     "hf" (path, context_length, optional pad_token_id/clean), "shapes"
-    (word tokenizer over ``mmjax.data.shapes.VOCAB``), "wordpiece" (path of a
+    (word tokenizer over ``mmjax.data.shapes.VOCAB``; ``questions=True`` adds the words of the
+    shapes questions and "question" / "answer"; ``add_bos=False`` starts no text with <start>), "wordpiece" (path of a
     vocab.txt / tokenizer.json, context_length 512, the normalization options of
     :class:`WordPieceTokenizer`) and "shapes_wordpiece" (the shipped shapes
     vocabulary, context_length 32), "spm" (SentencePiece: path of a tokenizer.model / tokenizer.json,

@@ -24,10 +24,11 @@ class WordTokenizer:
     PAD, UNK, SOT = "<pad>", "<unk>", "<start_of_text>"
     EOT = "<end_of_text>"
 
-    def __init__(self, vocab: Sequence[str], context_length: int = 16):
+    def __init__(self, vocab: Sequence[str], context_length: int = 16, add_bos: bool = True):
         if isinstance(vocab, str):
             raise TypeError("vocab must be a sequence of words, not a single str")
         self.context_length = check_context_length(context_length)
+        self.add_bos = bool(add_bos)        # False: texts that follow a prompt (MiniGPT-4's) start with no <start>
         words: list[str] = []
         for word in vocab:
             if not isinstance(word, str) or _WORD_RE.fullmatch(word) is None or word != word.lower():
@@ -50,14 +51,21 @@ class WordTokenizer:
 
     def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
         """Tokenizes texts into an int32 array of shape (N, context_length)."""
-        rows = [[self.sot_token_id, *self.encode(t), self.eot_token_id] for t in as_text_list(texts)]
+        start = [self.sot_token_id] if self.add_bos else []
+        rows = [[*start, *self.encode(t), self.eot_token_id] for t in as_text_list(texts)]
         return pack(rows, self.context_length, self.eot_token_id)
 
-    def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
-        """Space-joined words of one id row; stops at the first end-of-text id."""
+    def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = True) -> str | list[str]:
+        """Space-joined words of one id row (a list of them for a (N, L) array, as the captioning
+        evaluator decodes a batch); each row stops at its first end-of-text id."""
+        ids = np.asarray(ids)
+        if ids.ndim == 2:
+            return [self.decode(row, skip_special_tokens) for row in ids]
         words = []
-        for i in np.asarray(ids).ravel():
+        for i in ids.ravel():
             i = int(i)
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the word tokenizer's {self.vocab_size} ids")
             if i == self.eot_token_id:
                 if not skip_special_tokens:
                     words.append(self.EOT)

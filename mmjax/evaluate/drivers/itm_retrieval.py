@@ -23,7 +23,6 @@ from jax.sharding import Mesh
 from mmjax import sharding
 from mmjax.evaluate import retrieval, split
 from mmjax.evaluate.drivers import SPLIT_OPTIONS, column
-from mmjax.evaluate.zeroshot import normalize
 
 NEEDS = ("embed_images", "embed_texts", "image_tokens", "match_tokens")
 OPTIONS = SPLIT_OPTIONS + ("ks", "k", "add_itc", "itm_batch_size")
@@ -79,7 +78,7 @@ def run(task: Any, params: Any, mesh: Mesh, cfg: ml_collections.ConfigDict, name
         image_tokens.append(tok)
         tokens.append(np.asarray(column(batch, "text", name)))
     image_tokens, tokens = _concat(image_tokens), np.concatenate(tokens)
-    sims = normalize(np.concatenate(image_embs)) @ normalize(np.concatenate(text_embs)).T   # (images, texts)
+    sims = retrieval.similarities(np.concatenate(image_embs), np.concatenate(text_embs))   # (images, texts)
 
     i2t = retrieval.top_k_candidates(sims, k)        # (images, k) text indices
     t2i = retrieval.top_k_candidates(sims.T, k)      # (texts, k) image indices
