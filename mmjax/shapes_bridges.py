@@ -64,3 +64,18 @@ def evals(every_steps: int, examples: int = 500) -> dict:
                  pp=f"{PP_QUESTION}|keep('image','text','answer','question_type')", answers_key="answer",
                  question_types=list(vqa.QUESTION_TYPES)),
     )
+
+
+def tiny(c, eval_examples: int = 16) -> None:
+    """A recipe's smoke mode: a few steps of tiny frozen towers (the bridge's own sizes are the
+    recipe's to shrink), batch 16, every evaluation on `eval_examples` held-out images."""
+    from mmjax import smoke
+
+    smoke.short_run(c, steps=4, log_every=2)
+    c.model.vision.update(width=32, depth=1, num_heads=2, mlp_dim=64, conv_stem=())
+    if "lm" in c.model:
+        c.model.lm.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+    c.input.batch_size = 16
+    for name, block in c.evals.items():
+        if name != "every_steps":
+            block.update(batch_size=eval_examples, max_examples=eval_examples)

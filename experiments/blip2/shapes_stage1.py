@@ -18,7 +18,7 @@ bridges" table (measured by benchmarks/shapes_bridges.py).
 
 import ml_collections
 
-from mmjax import configs, shapes_bridges, smoke
+from mmjax import configs, shapes_bridges
 
 CONTEXT = 24
 VOCAB = 198        # the shapes WordPiece vocabulary; id 198 is LAVIS's added [DEC]
@@ -52,10 +52,7 @@ def get_config(arg=None):
                            pp=f"{shapes_bridges.PP_CAPTION}", batch_size=250, max_examples=500, ks=(1, 5), k=16,
                            add_itc=True))
     if arg.smoke:
-        smoke.short_run(c, steps=4, log_every=2)
-        c.model.vision.update(width=32, depth=1, num_heads=2, mlp_dim=64, conv_stem=())
+        shapes_bridges.tiny(c, eval_examples=32)
         c.model.qformer.update(width=32, num_heads=2, mlp_dim=64, num_queries=4)
         c.model.embed_dim = 16
-        c.input.batch_size = 16
-        c.evals.itm_retrieval.update(batch_size=32, max_examples=32)
     return c

@@ -22,7 +22,7 @@ Expected: see the README's "Frozen towers, trained bridges" table (measured by b
 
 import ml_collections
 
-from mmjax import configs, shapes_bridges, smoke
+from mmjax import configs, shapes_bridges
 
 # Stage 1's parameters that stage 2 has no use for: the text side of the Q-Former and the ITC / ITM /
 # ITG heads (LAVIS's Blip2OPT drops them too: `cls`, the word and position embeddings, the text FFNs).
@@ -56,11 +56,6 @@ def get_config(arg=None):
     c.checkpoint = dict(every_steps=300, keep=1)
     c.evals = shapes_bridges.evals(every_steps=0)
     if arg.smoke:
-        smoke.short_run(c, steps=4, log_every=2)
-        c.model.vision.update(width=32, depth=1, num_heads=2, mlp_dim=64, conv_stem=())
+        shapes_bridges.tiny(c)
         c.model.qformer.update(width=32, num_heads=2, mlp_dim=64, num_queries=4)
-        c.model.lm.update(width=32, depth=1, num_heads=2, mlp_dim=64)
-        c.input.batch_size = 16
-        for block in ("caption", "vqa"):
-            c.evals[block].update(batch_size=16, max_examples=16)
     return c

@@ -18,7 +18,7 @@ named?). Expected: see the README's "Frozen towers, trained bridges" table.
 
 import ml_collections
 
-from mmjax import configs, shapes_bridges, smoke
+from mmjax import configs, shapes_bridges
 from mmjax.models import minigpt4
 
 INSTRUCTIONS = ("<Img><ImageHere></Img> describe this image", "<Img><ImageHere></Img> what is in this picture",
@@ -49,10 +49,6 @@ def get_config(arg=None):
     evals = shapes_bridges.evals(every_steps=0)
     c.evals = dict(every_steps=0, caption=evals["caption"])
     if arg.smoke:
-        smoke.short_run(c, steps=4, log_every=2)
-        c.model.vision.update(width=32, depth=1, num_heads=2, mlp_dim=64, conv_stem=())
+        shapes_bridges.tiny(c)
         c.model.qformer.update(width=32, num_heads=2, mlp_dim=64, num_queries=4)
-        c.model.lm.update(width=32, depth=1, num_heads=2, mlp_dim=64)
-        c.input.batch_size = 16
-        c.evals.caption.update(batch_size=16, max_examples=16)
     return c

@@ -18,7 +18,7 @@ prompted questions on held-out images. Expected: see the README's "Frozen towers
 
 import ml_collections
 
-from mmjax import configs, shapes_bridges, smoke
+from mmjax import configs, shapes_bridges
 
 RESAMPLER = dict(depth=2, num_heads=4, head_dim=32, num_latents=shapes_bridges.NUM_QUERIES)
 
@@ -49,11 +49,6 @@ def get_config(arg=None):
     c.checkpoint = dict(every_steps=300, keep=1)
     c.evals = shapes_bridges.evals(every_steps=0)
     if arg.smoke:
-        smoke.short_run(c, steps=4, log_every=2)
-        c.model.vision.update(width=32, depth=1, num_heads=2, mlp_dim=64, conv_stem=())
+        shapes_bridges.tiny(c)
         c.model.resampler.update(depth=1, num_heads=2, head_dim=16, num_latents=4)
-        c.model.lm.update(width=32, depth=1, num_heads=2, mlp_dim=64)
-        c.input.batch_size = 16
-        for block in ("caption", "vqa"):
-            c.evals[block].update(batch_size=16, max_examples=16)
     return c

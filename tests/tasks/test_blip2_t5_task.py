@@ -8,32 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_blip2_task import _batch, _init
 
 from mmjax import configs, optim, tasks
-from mmjax.data import shapes
 from mmjax.models import blip2_t5
 
 SMOKE = "experiments/blip2/stage2_t5.py:smoke=True"
-BATCH = 6
-
-
-def _batch(task, n=BATCH, seed=0):
-    examples = [shapes.generate_example(i, seed=seed, image_size=32) for i in range(n)]
-    images = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
-    return {"image": jnp.asarray(images), "text": jnp.asarray(task.tokenizer([e["caption"] for e in examples]))}
-
-
-def _init(task, batch, seed=1):
-    """Random parameters N(0, 0.3²) (norm scales 1 + N(0, 0.05²)) without compiling the task's init."""
-    shapes_ = jax.eval_shape(lambda b: nn.meta.unbox(task.init_variables(jax.random.key(0), b)), batch)["params"]
-    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes_)
-    keys = jax.random.split(jax.random.key(seed), len(flat))
-
-    def leaf(path, x, key):
-        if jax.tree_util.keystr(path).endswith("['scale']"):
-            return 1.0 + 0.05 * jax.random.normal(key, x.shape, x.dtype)
-        return 0.3 * jax.random.normal(key, x.shape, x.dtype)
-    return treedef.unflatten([leaf(path, x, k) for (path, x), k in zip(flat, keys)])
+STD = 0.3      # random weights large enough that the image shows in the logits
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +72,7 @@ def _xent(logits, labels):
 def test_loss_is_the_suffix_cross_entropy_and_the_recipe_freezes_the_towers(task):
     config = configs.load_config(SMOKE)
     batch = _batch(task)
-    params = _init(task, batch)
+    params = _init(task, batch, std=STD)
     rng = jax.random.key(0)
     split_key = jax.random.split(rng)[0]       # split as the task splits its step key
 
@@ -121,7 +102,7 @@ def test_greedy_caption_follows_the_teacher_forced_logits(task):
     """`caption` decodes with the cache after the image and </s>; fed back teacher-forced, every
     generated token is the argmax of the logits before it."""
     batch = _batch(task, n=2)
-    params = _init(task, batch)
+    params = _init(task, batch, std=STD)
     generated = np.asarray(task.caption(params, batch["image"], {"max_new_tokens": 6}))
     assert generated.shape == (2, 6) and generated.dtype == np.int32
     prompt = jnp.full((2, 1), task.eos, jnp.int32)

@@ -25,10 +25,10 @@ def _batch(task, n=BATCH, seed=0):
     return {"image": jnp.asarray(images), "text": jnp.asarray(task.tokenizer([e["caption"] for e in examples]))}
 
 
-def _init(task, batch, seed=1):
-    """Random parameters of the task's shapes without compiling its init: kernels and embeddings
-    N(0, 0.05²), norm scales 1 + N(0, 0.05²), biases N(0, 0.05²) (away from their 0 / 1 init),
-    the temperature 0.07."""
+def _init(task, batch, seed=1, std=0.05):
+    """Random parameters of the task's shapes without compiling its init: kernels, embeddings and
+    biases N(0, std²) (away from their 0 / 1 init), norm scales 1 + N(0, 0.05²), the temperature
+    0.07."""
     shapes = jax.eval_shape(lambda b: nn.meta.unbox(task.init_variables(jax.random.key(0), b)), batch)["params"]
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     keys = jax.random.split(jax.random.key(seed), len(flat))
@@ -37,8 +37,8 @@ def _init(task, batch, seed=1):
         name = jax.tree_util.keystr(path)
         if name == "['temp']":
             return jnp.full(x.shape, 0.07, x.dtype)
-        noise = 0.05 * jax.random.normal(key, x.shape, x.dtype)
-        return 1.0 + noise if name.endswith("['scale']") else noise
+        noise = jax.random.normal(key, x.shape, x.dtype)
+        return 1.0 + 0.05 * noise if name.endswith("['scale']") else std * noise
 
     return treedef.unflatten([leaf(path, x, k) for (path, x), k in zip(flat, keys)])
 
