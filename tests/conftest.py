@@ -62,6 +62,22 @@ def _train_once(tmp_path_factory, name: str, spec: str, overrides: list) -> Run:
     return Run(spec, tuple(overrides), workdir, dict(final), out.getvalue())
 
 
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """Makes folders for a module's shared fixtures and deletes them when the module's tests end.
+    pytest keeps `tmp_path_factory` folders to the session's end, and the real-size checkpoints of
+    the conversion tests would then fill CI's disk."""
+    made = []
+
+    def make(name: str):
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def shapes_vit_run(tmp_path_factory) -> Run:
     """4 steps of the shapes ViT (smoke), checkpoints at steps 2 and 4, top-1 evaluated at the end."""

@@ -44,8 +44,8 @@ def _random_weights(model, seed):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("capfilt")
+def setup(module_tmp):
+    root = module_tmp("capfilt")
     vocab = root / "vocab.txt"
     vocab.write_text("\n".join(VOCAB) + "\n")
     config = BlipConfig(vision_config=VISION, text_config=TEXT, image_text_hidden_size=16)

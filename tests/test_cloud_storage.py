@@ -64,13 +64,13 @@ SHAPES_SIZES = (512, 128)  # train, test examples: a small copy of the shapes da
 
 
 @pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
+def gcs(module_tmp):
     """The emulator's URL, with this process (and its children) pointed at it."""
     proc, url = gcs_emulator.start(BUCKET)
     saved = dict(os.environ)
     os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
     os.environ.update(gcs_emulator.environment(url))
-    os.environ["MMJAX_CACHE_DIR"] = str(tmp_path_factory.mktemp("mmjax_cache"))
+    os.environ["MMJAX_CACHE_DIR"] = str(module_tmp("mmjax_cache"))
     _reset_clients()
     try:
         yield url
@@ -181,11 +181,11 @@ def test_corrupt_checkpoint_in_a_bucket_falls_back(gcs, caplog):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def shapes_data(gcs, tmp_path_factory):
+def shapes_data(gcs, module_tmp):
     """The shapes data prepared locally and uploaded: (local data_dir, gs:// data_dir)."""
     from mmjax.data import shapes
 
-    local = str(tmp_path_factory.mktemp("tfds"))
+    local = str(module_tmp("tfds"))
     shapes.prepare(local, num_train=SHAPES_SIZES[0], num_test=SHAPES_SIZES[1])
     remote = _url("tfds")
     paths.filesystem(remote).put(os.path.join(local, "mmjax_shapes"), remote + "/", recursive=True)

@@ -20,9 +20,9 @@ OPEN_CLIP_TINY = {"embed_dim": 32,
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
+def photos(module_tmp):
     """Shapes images of several sizes and modes, in class folders, plus a corrupt file and a note."""
-    root = tmp_path_factory.mktemp("photos")
+    root = module_tmp("photos")
     for i in range(8):
         name = CLASSES[i % 4]
         example = shapes.generate_example(shapes.CLASS_NAMES.index(name) + 24 * i, 7, 48)
@@ -35,7 +35,7 @@ def photos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def converted_clip(tmp_path_factory):
+def converted_clip(module_tmp):
     """(open_clip model with random weights, its mmjax model directory)."""
     import open_clip
     import torch
@@ -43,7 +43,7 @@ def converted_clip(tmp_path_factory):
 
     from mmjax.convert import api
 
-    tmp = tmp_path_factory.mktemp("open_clip")
+    tmp = module_tmp("open_clip")
     torch.manual_seed(0)
     ref = open_clip.CLIP(embed_dim=32, vision_cfg=open_clip.CLIPVisionCfg(**OPEN_CLIP_TINY["vision_cfg"]),
                          text_cfg=open_clip.CLIPTextCfg(**OPEN_CLIP_TINY["text_cfg"])).eval()

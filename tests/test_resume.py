@@ -76,14 +76,14 @@ def _logged(workdir):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_cache"))
+def cache_dir(module_tmp):
+    return str(module_tmp("jax_cache"))
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir):
+def reference(module_tmp, cache_dir):
     """The uninterrupted 1-process, 8-device run."""
-    workdir = str(tmp_path_factory.mktemp("reference"))
+    workdir = str(module_tmp("reference"))
     _run(workdir, _env(cache_dir, 8))
     return workdir
 

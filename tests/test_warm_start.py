@@ -52,10 +52,10 @@ SMALL = dict(**TINY, num_classes=3)
 
 
 @pytest.fixture(scope="module")
-def mae_run(tmp_path_factory):
+def mae_run(module_tmp):
     """A scanned MAE's params and a run workdir holding them."""
     params = _mae_params(scan=True)
-    return _save_run(tmp_path_factory.mktemp("mae"), params), params
+    return _save_run(module_tmp("mae"), params), params
 
 
 @pytest.fixture(scope="module")

@@ -50,8 +50,8 @@ def _encode(model, variables, x):
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory, convert):
-    tmp = tmp_path_factory.mktemp("dall_e_encoder")
+def encoder(module_tmp, convert):
+    tmp = module_tmp("dall_e_encoder")
     ref = _randomize(dall_e.Encoder(device=torch.device("cpu"), requires_grad=False), seed=0)
     x = _pixels()
     with torch.no_grad():

@@ -39,8 +39,8 @@ def _round_trip(tmp, cls, config, original, variables, convert, reimport_equals)
 
 
 @pytest.fixture(scope="module")
-def hf_vit(tmp_path_factory, randomize, images, convert):
-    tmp = tmp_path_factory.mktemp("hf_vit")
+def hf_vit(module_tmp, randomize, images, convert):
+    tmp = module_tmp("hf_vit")
     torch.manual_seed(0)
     ref = randomize(ViTForImageClassification(ViTConfig()))
     x = images(2)
@@ -59,9 +59,9 @@ def test_vit_logits_match_transformers(hf_vit, diff):
 
 
 @pytest.fixture(scope="module")
-def hf_clip(tmp_path_factory, randomize, images, convert):
+def hf_clip(module_tmp, randomize, images, convert):
     import open_clip
-    tmp = tmp_path_factory.mktemp("hf_clip")
+    tmp = module_tmp("hf_clip")
     torch.manual_seed(0)
     ref = randomize(CLIPModel(CLIPConfig()))
     x, tokens = images(2), open_clip.tokenize(CAPTIONS)

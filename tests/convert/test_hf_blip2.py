@@ -68,9 +68,9 @@ def _mmjax_scores(model, variables, images, tokens) -> dict:
 
 
 @pytest.fixture(scope="module")
-def retrieval(tmp_path_factory, randomize, convert):
+def retrieval(module_tmp, randomize, convert):
     """A random Blip2ForImageTextRetrieval (k parts of the fused qkv biases non-zero too), converted."""
-    tmp = tmp_path_factory.mktemp("blip2")
+    tmp = module_tmp("blip2")
     torch.manual_seed(0)
     ref = _random_queries(randomize(transformers.Blip2ForImageTextRetrieval(_config()), seed=5), seed=6)
     images, tokens = _inputs()

@@ -64,8 +64,8 @@ def _with_placeholders(tokens):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, randomize, convert):
-    tmp = tmp_path_factory.mktemp("blip2_lm")
+def converted(module_tmp, randomize, convert):
+    tmp = module_tmp("blip2_lm")
     torch.manual_seed(0)
     ref = randomize(transformers.Blip2ForConditionalGeneration(_config()), seed=3)
     with torch.no_grad():       # transformers starts the queries at zero

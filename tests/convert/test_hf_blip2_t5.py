@@ -61,8 +61,8 @@ def _with_placeholders(prompts):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, randomize, convert):
-    tmp = tmp_path_factory.mktemp("blip2_t5")
+def converted(module_tmp, randomize, convert):
+    tmp = module_tmp("blip2_t5")
     torch.manual_seed(3)        # a seed whose random T5 writes no single token over and over
     ref = randomize(transformers.Blip2ForConditionalGeneration(_config()), seed=3)
     gen = torch.Generator().manual_seed(4)

@@ -51,10 +51,10 @@ def _reference(kind: str, seed: int = 0):
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def converted(request, tmp_path_factory, convert):
+def converted(request, module_tmp, convert):
     kind = request.param
     ref = _reference(kind)
-    folder = tmp_path_factory.mktemp(kind)
+    folder = module_tmp(kind)
     ref.save_pretrained(str(folder / "hf"))
     convert("--source", "hf", "--checkpoint", folder / "hf", "--output", folder / "mm")
     model, variables = mmjax.load(str(folder / "mm"))

@@ -51,9 +51,9 @@ def _reference(seed: int = 0, **changes):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, convert):
+def converted(module_tmp, convert):
     ref = _reference()
-    folder = tmp_path_factory.mktemp("t5")
+    folder = module_tmp("t5")
     ref.save_pretrained(str(folder / "hf"))
     convert("--source", "hf", "--checkpoint", folder / "hf", "--output", folder / "mm")
     model, variables = mmjax.load(str(folder / "mm"))

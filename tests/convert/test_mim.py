@@ -33,8 +33,8 @@ def _nchw(x):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def hf_mae(tmp_path_factory, randomize, images, convert, fill_mae_posembs):
-    tmp = tmp_path_factory.mktemp("hf_mae")
+def hf_mae(module_tmp, randomize, images, convert, fill_mae_posembs):
+    tmp = module_tmp("hf_mae")
     torch.manual_seed(0)
     ref = randomize(transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig()))   # B/16, decoder 512d8b
     fill_mae_posembs(ref)
@@ -135,8 +135,8 @@ def test_beit_mim_matches_transformers(tmp_path, randomize, randomize_tables, im
 
 
 @pytest.fixture(scope="module")
-def timm_beit(tmp_path_factory, randomize, randomize_tables, images, convert):
-    tmp = tmp_path_factory.mktemp("timm_beit")
+def timm_beit(module_tmp, randomize, randomize_tables, images, convert):
+    tmp = module_tmp("timm_beit")
     torch.manual_seed(4)
     ref = randomize_tables(randomize(timm.create_model("beit_base_patch16_224", pretrained=False), seed=4), seed=4)
     with torch.no_grad():

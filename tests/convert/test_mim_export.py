@@ -75,8 +75,8 @@ def _model_dir(path, class_path, fields, inputs):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def mae_hf(tmp_path_factory, randomize, images, convert, fill_mae_posembs):
-    tmp = tmp_path_factory.mktemp("mae_hf")
+def mae_hf(module_tmp, randomize, images, convert, fill_mae_posembs):
+    tmp = module_tmp("mae_hf")
     torch.manual_seed(1)
     ref = randomize(transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**SMALL_MAE)), seed=1)
     fill_mae_posembs(ref)
@@ -127,8 +127,8 @@ def test_mae_hf_export_matches_mmjax(mae_hf, images, diff):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def native_mae(tmp_path_factory, convert):
-    tmp = tmp_path_factory.mktemp("native_mae")
+def native_mae(module_tmp, convert):
+    tmp = module_tmp("native_mae")
     model = mae.MAE(width=64, depth=2, num_heads=4, mlp_dim=128, patch_size=8, decoder_width=32, decoder_depth=2,
                     decoder_heads=4, decoder_mlp_dim=64)
     inputs = [pretrained.input_spec((1, 32, 32, 3)), pretrained.input_spec((1, 16))]
@@ -184,8 +184,8 @@ BEIT_HEADS = {
 
 
 @pytest.fixture(scope="module", params=sorted(BEIT_HEADS))
-def beit_hf(request, tmp_path_factory, randomize, randomize_tables, convert):
-    tmp = tmp_path_factory.mktemp(f"beit_{request.param}")
+def beit_hf(request, module_tmp, randomize, randomize_tables, convert):
+    tmp = module_tmp(f"beit_{request.param}")
     cls, extra = BEIT_HEADS[request.param]
     torch.manual_seed(8)
     ref = randomize_tables(randomize(cls(transformers.BeitConfig(**SMALL, **extra)), seed=8), seed=8)

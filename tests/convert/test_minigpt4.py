@@ -49,9 +49,9 @@ def _save(state: dict, path) -> None:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, randomize, convert):
+def converted(module_tmp, randomize, convert):
     """The reference and the four files MiniGPT-4 is loaded from, converted by the CLI."""
-    tmp = tmp_path_factory.mktemp("minigpt4")
+    tmp = module_tmp("minigpt4")
     config = transformers.Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=LLAMA,
                                       num_query_tokens=Q, image_token_index=98, initializer_range=0.1)
     torch.manual_seed(0)

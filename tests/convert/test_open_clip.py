@@ -20,8 +20,8 @@ CAPTIONS = ["a photo of a cat", "Ein Hund, der über die Wiese läuft! 🐕", "a
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, randomize, images, convert):
-    tmp = tmp_path_factory.mktemp("open_clip")
+def base(module_tmp, randomize, images, convert):
+    tmp = module_tmp("open_clip")
     torch.manual_seed(0)
     ref = randomize(open_clip.create_model(NAME, pretrained=None))
     x, tokens = images(2), open_clip.tokenize(CAPTIONS).numpy()

@@ -45,8 +45,8 @@ def _mmjax_outputs(model, variables, x, tokens):
 
 
 @pytest.fixture(scope="module")
-def hf_siglip(tmp_path_factory, randomize, images, convert):
-    tmp = tmp_path_factory.mktemp("hf_siglip")
+def hf_siglip(module_tmp, randomize, images, convert):
+    tmp = module_tmp("hf_siglip")
     torch.manual_seed(0)
     config = transformers.SiglipConfig(**SMALL_SIGLIP)
     ref = randomize(transformers.SiglipModel(config))
@@ -159,11 +159,11 @@ TIMM_NAME = "vit_base_patch32_siglip_256"   # gelu_tanh in the blocks and the MA
 
 
 @pytest.fixture(scope="module")
-def open_clip_siglip(tmp_path_factory, randomize, images, convert):
+def open_clip_siglip(module_tmp, randomize, images, convert):
     """open_clip's ViT-B-32-SigLIP2-256 with its real image tower and a small text tower; its trunk
     is the timm model, so one reference serves both sources."""
     open_clip = require("open_clip")
-    tmp = tmp_path_factory.mktemp("open_clip_siglip")
+    tmp = module_tmp("open_clip_siglip")
     config = json.loads(json.dumps(open_clip.get_model_config(OPEN_CLIP_NAME)))
     config["text_cfg"].update(width=64, heads=4, layers=2, vocab_size=100, context_length=16)
     (tmp / "small.json").write_text(json.dumps(config))

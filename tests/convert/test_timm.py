@@ -22,9 +22,9 @@ NAME = "vit_base_patch16_224"
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, randomize, images, convert):
+def base(module_tmp, randomize, images, convert):
     """A random timm ViT-B/16, its logits, and its conversion by the CLI."""
-    tmp = tmp_path_factory.mktemp("timm")
+    tmp = module_tmp("timm")
     torch.manual_seed(0)
     ref = randomize(timm.create_model(NAME, pretrained=False))
     with torch.no_grad():
@@ -74,9 +74,9 @@ def test_image_size_resamples_posemb_like_timm(base):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, randomize, convert):
+def tiny(module_tmp, randomize, convert):
     """A random timm ViT-Ti/16 as .safetensors and converted (cheap checks of layouts and sizes)."""
-    tmp = tmp_path_factory.mktemp("timm_tiny")
+    tmp = module_tmp("timm_tiny")
     torch.manual_seed(1)
     ref = randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False), seed=1)
     save_file(ref.state_dict(), str(tmp / "ti.safetensors"))

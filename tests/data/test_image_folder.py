@@ -36,10 +36,10 @@ def _write_classes(root, per_class: int = 5, seed: int = 0, index0: int = 0) -> 
 
 
 @pytest.fixture(scope="module")
-def messy(tmp_path_factory):
+def messy(module_tmp):
     """4 classes of 5 mixed images, one nested folder, plus a non-image file, a corrupt JPEG
     and an empty class folder."""
-    root = tmp_path_factory.mktemp("classes")
+    root = module_tmp("classes")
     _write_classes(root)
     (root / "red_circle" / "notes.txt").write_text("not an image")
     (root / "red_square" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")

@@ -43,11 +43,11 @@ def _corpus() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(module_tmp):
     """{"llama": dir with tokenizer.model, "t5": dir with spiece.model, "opt": dir with vocab.json + merges.txt}."""
     spm = require("sentencepiece")
     tokenizers = require("tokenizers")
-    root, corpus = tmp_path_factory.mktemp("llm_tokenizers"), _corpus()
+    root, corpus = module_tmp("llm_tokenizers"), _corpus()
     out = {name: root / name for name in ("llama", "t5", "opt")}
     for d in out.values():
         d.mkdir()
@@ -69,7 +69,7 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf(files, tmp_path_factory):
+def hf(files, module_tmp):
     """transformers' tokenizers from those files (LLaMA, T5, OPT settings) and the tokenizer.json each saves."""
     transformers = require("transformers")
     refs = {
@@ -84,7 +84,7 @@ def hf(files, tmp_path_factory):
     }
     saved = {}
     for name in ("llama", "t5", "opt"):
-        saved[name] = tmp_path_factory.mktemp(f"{name}_json")
+        saved[name] = module_tmp(f"{name}_json")
         refs[name].save_pretrained(saved[name])
         saved[name] = str(saved[name] / "tokenizer.json")
     return refs, saved

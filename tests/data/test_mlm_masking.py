@@ -135,9 +135,9 @@ def test_bad_ids(tok):
 
 
 @pytest.fixture(scope="module")
-def bert_sized(tmp_path_factory):
+def bert_sized(module_tmp):
     """The shapes vocabulary padded with filler tokens to BERT-base's 30,522 ids: ours and transformers'."""
-    directory = tmp_path_factory.mktemp("bert_sized")
+    directory = module_tmp("bert_sized")
     vocab = build_shapes_vocab()
     vocab += [f"filler{i}" for i in range(30_522 - len(vocab))]
     (directory / "vocab.txt").write_text("".join(f"{t}\n" for t in vocab), encoding="utf-8")

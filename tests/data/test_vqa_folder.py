@@ -42,9 +42,9 @@ def _write_jsonl(path, entries) -> str:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def folder(module_tmp):
     """Four questions on grey/RGB/RGBA/CMYK images of several sizes, each with an id and a type."""
-    root = tmp_path_factory.mktemp("vqa")
+    root = module_tmp("vqa")
     for i, (name, mode, _, _, size) in enumerate(LINES):
         _write_image(root / "images", name, mode, size, i)
     questions = _write_jsonl(root / "questions.jsonl", [

@@ -31,9 +31,9 @@ def _image_bytes(value: int, fmt: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def shards(module_tmp):
     """4 shards as img2dataset names them; each has 5 good examples and 3 bad ones."""
-    root = tmp_path_factory.mktemp("wds")
+    root = module_tmp("wds")
     for shard in range(4):
         with tarfile.open(root / f"{shard:05d}.tar", "w") as tar:
             for i in range(GOOD_PER_SHARD):

@@ -59,8 +59,8 @@ def _train_vocab(directory, lowercase: bool) -> str:
 
 
 @pytest.fixture(scope="module")
-def vocab_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wordpiece")
+def vocab_dirs(module_tmp):
+    root = module_tmp("wordpiece")
     return {cased: _train_vocab(root / ("cased" if cased else "uncased"), lowercase=not cased)
             for cased in (False, True)}
 

@@ -11,9 +11,9 @@ from mmjax.evaluate import split
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def folder(module_tmp):
     """Two class folders of two 8px images each."""
-    root = tmp_path_factory.mktemp("eval_folder")
+    root = module_tmp("eval_folder")
     for cls in ("a", "b"):
         (root / cls).mkdir()
         for i in range(2):

@@ -23,10 +23,10 @@ CROSS_EOS = {18: 12, 3: 20, 46: 39}     # stop tokens the cross-attending decode
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["decoder", "cross_attention"])
-def models(request, tmp_path_factory):
+def models(request, module_tmp):
     cross = request.param
     ref = reference_model(cross)
-    folder = tmp_path_factory.mktemp("bert_decoder")
+    folder = module_tmp("bert_decoder")
     ref.save_pretrained(str(folder / "hf"))
     api.import_checkpoint("hf", str(folder / "hf"), str(folder / "mmjax"))
     model, variables = mmjax.load(str(folder / "mmjax"))

@@ -49,8 +49,8 @@ def _config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
 # --- Learning and resume ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("albef"))
+def run(module_tmp):
+    workdir = str(module_tmp("albef"))
     config = _config(f"{SPEC}:steps={STEPS},batch={BATCH},queue={4 * BATCH}", [
         f"--config.checkpoint.every_steps={RESUME_FROM}", "--config.checkpoint.keep=3",
         "--config.log_every_steps=50"])

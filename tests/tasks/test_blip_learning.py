@@ -30,8 +30,8 @@ SMALL = [
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("blip"))
+def trained(module_tmp):
+    workdir = str(module_tmp("blip"))
     config = configs.apply_overrides(
         configs.load_config(f"{SPEC}:steps={STEPS},batch={BATCH},queue={4 * BATCH}"), SMALL)
     with config.unlocked():

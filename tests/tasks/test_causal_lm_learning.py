@@ -12,8 +12,8 @@ STEPS, BATCH, HELD_OUT = 400, 32, 96
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("lm"))
+def trained(module_tmp):
+    workdir = str(module_tmp("lm"))
     config = configs.load_config(f"{SPEC}:steps={STEPS},batch={BATCH}")
     with config.unlocked():
         config.checkpoint.every_steps = 10_000

@@ -17,10 +17,10 @@ NUM_TEST = 48
 
 
 @pytest.fixture(scope="module")
-def shapes_test(tmp_path_factory):
+def shapes_test(module_tmp):
     """(TFDS data config of a 48-image shapes test split, folder of the same images as PNG with
     class folders `red_circle`, ..., folder of them with `00_red_circle`, ... (shapes order))."""
-    tmp = tmp_path_factory.mktemp("folder_evals")
+    tmp = module_tmp("folder_evals")
     data = {"name": "mmjax_shapes", "split": "test", "data_dir": str(tmp / "tfds"), "num_train": 24,
             "num_test": NUM_TEST}
     source = sources.get_source(data)

@@ -31,8 +31,8 @@ STEPS, BOUND = 60, 3.0
 
 
 @pytest.fixture(scope="module")
-def momentum_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("momentum"))
+def momentum_run(module_tmp):
+    workdir = str(module_tmp("momentum"))
     config = configs.apply_overrides(configs.load_config(f"{SPEC}:steps={STEPS},batch=64,queue=256"), [
         "--config.evals.every_steps=0", "--config.checkpoint.every_steps=100000",
         "--config.evals.zeroshot.max_examples=500", "--config.evals.retrieval.max_examples=500"])
