@@ -53,14 +53,19 @@ def made_up_example(data: Any) -> dict[str, Any]:
             "caption": "a photo of a small dog running on the grass.", "label": np.int64(7)}
 
 
-def batch_shapes(config, tokenizer) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """The numeric fields one preprocessed example has (shape, dtype), as the trainer batches them."""
+def made_up_features(config, tokenizer) -> dict[str, np.ndarray]:
+    """The numeric fields of one made-up example after the recipe's pp, as the trainer batches them."""
     from mmjax.data.pipeline import _canonical  # the trainer's dtype canonicalisation
     from mmjax.data.preprocess import Preprocess
 
     example = Preprocess(config.input.pp, tokenizer)(made_up_example(config.input.data), np.random.default_rng(0))
     values = {k: np.asarray(v) for k, v in _canonical(example).items()}
-    return {k: (v.shape, v.dtype) for k, v in values.items() if v.dtype.kind in "biuf"}
+    return {k: v for k, v in values.items() if v.dtype.kind in "biuf"}
+
+
+def batch_shapes(config, tokenizer) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The numeric fields one preprocessed example has (shape, dtype)."""
+    return {k: (v.shape, v.dtype) for k, v in made_up_features(config, tokenizer).items()}
 
 
 def recipe_config(spec: str, preset: str, batch: int):

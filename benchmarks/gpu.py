@@ -1,5 +1,6 @@
 """The GPU benchmark: mmjax ViT-B/16 and CLIP B/16 train steps in bf16, attention "xla" vs
-"cudnn", remat on and off, with MFU; and timm / open_clip (bf16 autocast) for the ratio.
+"cudnn", remat on and off, with MFU; timm / open_clip (bf16 autocast) for the ratio; and recipe rows:
+a paper recipe's own train step (BLIP-2 stage 2 with a frozen OPT-2.7B in bf16) at one GPU's batch.
 
 Run by benchmarks/gpu.sh, which starts PyTorch and JAX in separate processes so that neither
 holds GPU memory the other needs. `--smoke` runs tiny models on any backend (tests, CPU).
@@ -16,6 +17,16 @@ import os
 import time
 
 REMAT = {"off": "none", "on": "dots_no_batch"}
+# Recipe rows (benchmarks/recipe_step.py): name -> (recipe spec, --config overrides, batch). BLIP-2 stage
+# 2 at the paper's per-GPU batch (1,920 over 16 GPUs): frozen EVA ViT-g and OPT-2.7B, both computing in
+# bf16 and the OPT stored in bf16; the Q-Former, queries and projection train. The data paths are only
+# named: the batch is a made-up example through the recipe's pp.
+_PAIRS = "vocab=shapes,image_dir=/data/pairs,captions=/data/pairs/captions.jsonl"
+RECIPES = {"blip2-stage2-opt2.7b": (f"experiments/blip2/stage2_opt.py:lm=opt-2.7b,{_PAIRS}",
+                                    ["--config.model.dtype=bfloat16", "--config.model.lm.param_dtype=bfloat16"], 120)}
+SMOKE_RECIPES = {"blip2-stage2-opt2.7b": ("experiments/blip2/stage2_opt.py:smoke=True",
+                                          ["--config.model.dtype=bfloat16", "--config.model.lm.param_dtype=bfloat16"],
+                                          8)}     # 8: one example per device of the tests' simulated mesh
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -24,6 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results/gpu.json")
     p.add_argument("--torch-results", default=None, help="JSON from --framework torch, for the ratio column")
     p.add_argument("--models", default="vit,clip")
+    p.add_argument("--recipes", default=",".join(RECIPES), help=f"recipe rows, of {sorted(RECIPES)} ('' for none)")
     p.add_argument("--attention", default="xla,cudnn", help="attention_impl values (cudnn needs a GPU)")
     p.add_argument("--remat", default="off,on", help=f"off/on; on = remat_policy {REMAT['on']!r}")
     p.add_argument("--batch", type=int, default=256)
@@ -94,6 +106,28 @@ def run_mmjax(args, torch_rows: list[dict]) -> list[dict]:
     return rows
 
 
+def run_recipes(args) -> list[dict]:
+    from benchmarks import recipe_step
+    table = SMOKE_RECIPES if args.smoke else RECIPES
+    rows = []
+    for name in filter(None, args.recipes.split(",")):
+        if name not in table:
+            raise SystemExit(f"unknown recipe row {name!r}; known: {sorted(table)}")
+        spec, overrides, batch = table[name]
+        print(f"[mmjax recipe] {name}: {spec} {' '.join(overrides)}, batch {batch}", flush=True)
+        try:
+            row = recipe_step.measure(spec, overrides, batch, args.warmup, args.steps)
+        except Exception as e:  # noqa: BLE001 - as above: an OOM here must not lose the other rows
+            print(f"  failed: {type(e).__name__}: {e}", flush=True)
+            rows.append({"workload": name, "error": f"{type(e).__name__}: {e}"})
+            continue
+        rows.append({"workload": name, **row})
+        mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "n/a"
+        print(f"  {row['train']['examples_per_sec']:.1f} ex/s, {row.get('tflops_per_device', 0):.1f} TFLOP/s, "
+              f"MFU {mfu}, compile {row['train']['compile_s']:.0f}s", flush=True)
+    return rows
+
+
 def table(results: dict) -> str:
     from benchmarks.report import markdown_table
     header = ["model", "attention", "remat", "ex/s", "step s", "TFLOP/s", "MFU", "XLA÷analytic",
@@ -106,6 +140,13 @@ def table(results: dict) -> str:
         rows.append([r["workload"], r["attention_impl"], r["remat"], r["train"]["examples_per_sec"],
                      r["train"]["step_time_s"], r["flops"]["tflops"], r["flops"].get("mfu"),
                      r["flops"]["agreement"], r.get("ratio_vs_torch")])
+    for r in results.get("recipes", []):
+        if "error" in r:
+            rows.append([r["workload"], "–", "–", r["error"][:60], None, None, None, None, None])
+            continue
+        rows.append([f"{r['workload']} ({r['trained_params_millions']:.4g}M of {r['params_millions']:.4g}M trained, "
+                     f"b{r['global_batch']})", "recipe's", "recipe's", r["train"]["examples_per_sec"],
+                     r["train"]["step_time_s"], r.get("tflops_per_device"), r.get("mfu"), None, None])
     for r in results.get("torch", []):
         rows.append([r["workload"] + f" ({r['model']}, PyTorch)", "PyTorch default", "none",
                      r["train"]["examples_per_sec"], r["train"]["step_time_s"], None, None, None, 1.0])
@@ -127,6 +168,7 @@ def main(argv=None) -> dict:
                 torch_rows = json.load(f).get("torch", [])
         results["torch"] = torch_rows
         results["mmjax"] = run_mmjax(args, torch_rows)
+        results["recipes"] = run_recipes(args)
     results["total_time_s"] = time.perf_counter() - t0
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -87,4 +87,5 @@ def get_config(arg=None):
         c.input.tokenizer = dict(name="shapes_wordpiece", context_length=16)
         smoke.shapes_input(c, "resize(32)|value_range(-1,1)|tokenize(key='caption',out='text')|keep('image','text')")
         smoke.short_run(c, steps=4, log_every=2)
+    c.model.dtype = "float32"               # the towers' compute dtype: "bfloat16" on accelerators
     return c

@@ -16,7 +16,8 @@ Differences here:
   Blip2ForConditionalGeneration directory with `fresh_projection=False` to continue it. The stage-1 run's
   workdir alone lacks the LM.
 * LAVIS appends "\n" to every caption (the answer delimiter it later prompts with); the tokenize op here
-  does not. The frozen towers run in float32 unless `--config.model.dtype=bfloat16` (LAVIS: fp16).
+  does not. The frozen towers run in float32 unless `--config.model.dtype=bfloat16` (LAVIS: fp16);
+  `--config.model.lm.param_dtype=bfloat16` also stores the OPT in bf16 (it is frozen: no master copy needed).
 * `vocab=` is the OPT tokenizer directory (vocab.json + merges.txt); `lm=opt-6.7b` picks the larger LM.
 
 Expected [paper Table 2, repo projects/blip2/README.md]: OPT-2.7B zero-shot VQAv2 53.5 (OPT-6.7B 54.3),
@@ -78,4 +79,6 @@ def get_config(arg=None):
         c.input.tokenizer = _tokenizer("shapes", 16)
         smoke.shapes_input(c, "resize(32)|value_range(-1,1)|tokenize(key='caption',out='text')|keep('image','text')")
         smoke.short_run(c, steps=4, log_every=2)
+    c.model.dtype = "float32"               # the towers' compute dtype: "bfloat16" on accelerators
+    c.model.lm.param_dtype = "float32"      # the frozen OPT's storage: "bfloat16" halves it
     return c

@@ -40,8 +40,8 @@ def test_unknown_section_is_an_error():
 
 
 def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):
-    """benchmarks/gpu.sh's two halves (PyTorch, then mmjax with the ratio) on tiny models: the
-    script that a GPU session runs must not rot while no GPU is lent."""
+    """benchmarks/gpu.sh's two halves (PyTorch, then mmjax with the ratio and the recipe rows) on tiny
+    models: the script that a GPU session runs must not rot while no GPU is lent."""
     from benchmarks import gpu
     common = ["--smoke", "--models", "vit", "--remat", "off"]
     gpu.main(["--framework", "torch", "--out", str(tmp_path / "torch.json"), *common])
@@ -50,7 +50,11 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):
     (row,) = results["mmjax"]
     assert "error" not in row and row["train"]["examples_per_sec"] > 0 and row["ratio_vs_torch"] > 0
     assert row["flops"]["tflops"] > 0
-    assert "vs PyTorch" in (tmp_path / "gpu.md").read_text()
+    (recipe,) = results["recipes"]        # BLIP-2 stage 2's smoke model, its towers frozen
+    assert "error" not in recipe and recipe["train"]["examples_per_sec"] > 0
+    assert 0 < recipe["trained_params_millions"] < recipe["params_millions"] and recipe["tflops_per_device"] > 0
+    text = (tmp_path / "gpu.md").read_text()
+    assert "vs PyTorch" in text and "blip2-stage2-opt2.7b" in text
 
 
 def test_cpu_benchmark_blip_section(tmp_path):
