@@ -34,13 +34,15 @@ def test_full_config_loads_and_documents_itself(path):
         "recipes state the paper, expected result and command in the docstring"
 
 
-# Tasks whose learning tests train one of their recipes through mmjax.train.train (data pipeline,
-# train step, evaluators, checkpoints): a smoke run of another recipe of theirs would repeat that.
+# Tasks whose learning tests (or, for MAE, the warm-start test) train one of their recipes through
+# mmjax.train.train (data pipeline, train step, evaluators, checkpoints): a smoke run of another recipe
+# of theirs would repeat that.
 TRAINED_BY_LEARNING_TESTS = {
     "contrastive": "tests/test_train.py", "classification": "tests/test_train.py",
     "contrastive_momentum": "tests/tasks/test_momentum.py", "albef": "tests/tasks/test_albef_task.py",
     "blip": "tests/tasks/test_blip_learning.py", "vilt_vqa": "tests/tasks/test_vilt_tasks.py",
-    "causal_lm": "tests/tasks/test_causal_lm_learning.py",
+    "causal_lm": "tests/tasks/test_causal_lm_learning.py", "resampler_lm": "tests/tasks/test_causal_lm_learning.py",
+    "mae": "tests/test_warm_start.py",
 }
 
 
