@@ -1,4 +1,6 @@
-"""Sharded == unsharded: one train step of ViT and CLIP under dp, fsdp and fsdp_tp on 8 CPU devices."""
+"""Sharded == unsharded: one train step of ViT, CLIP and MAE under dp, fsdp and fsdp_tp on 8 CPU
+devices: the loss, every gradient leaf (a per-tensor scale error would hide in AdamW's first update,
+which is about lr * sign(g)) and the updated parameters."""
 
 import flax.linen as nn
 import jax
@@ -18,6 +20,11 @@ MESHES = {
 }
 # float32 on CPU; the sharded runs sum partial products in a different order.
 RTOL, ATOL = 2e-5, 2e-6
+# Gradients, leaf by leaf: within 1e-4 relative, or 1e-5 of the leaf's largest entry where an entry
+# is a sum that cancels (measured: up to 2e-6 of it), or 1e-7 of the largest gradient anywhere for
+# leaves that are zero up to rounding (key biases: softmax ignores a per-query constant). A factor
+# error in any leaf (a missed or doubled reduction) fails.
+GRAD_RTOL, GRAD_ATOL_OF_LEAF, GRAD_ATOL_OF_ALL = 1e-4, 1e-5, 1e-7
 # Updated parameters: AdamW's first step (update = lr * g / (|g| + eps)) scales that order noise
 # by up to lr / eps = 1e3 where |g| <= eps (e.g. key biases, whose gradient is zero up to rounding
 # because softmax ignores a per-query constant). 1% of lr; a real sharding error moves updates by
@@ -33,6 +40,8 @@ def _config(task: str) -> ml_collections.ConfigDict:
     vit = dict(width=64, depth=2, mlp_dim=128, num_heads=4, patch_size=8)
     if task == "classification":
         c.model = dict(vit, num_classes=16, head_zero_init=False)
+    elif task == "mae":
+        c.model = dict(vit, decoder_width=32, decoder_depth=1, decoder_heads=4, decoder_mlp_dim=64, mask_ratio=0.75)
     else:
         c.model = dict(embed_dim=32, image=vit, text=dict(vocab_size=64, context_length=8, width=64,
                                                           depth=2, num_heads=4))
@@ -45,7 +54,7 @@ def _batch(task: str) -> dict:
     batch = {"image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32)}
     if task == "classification":
         batch["label"] = rng.integers(0, 16, size=16).astype(np.int32)
-    else:
+    elif task == "contrastive":
         batch["text"] = rng.integers(1, 64, size=(16, 8)).astype(np.int32)
     return batch
 
@@ -68,26 +77,39 @@ def _one_step(task_name: str, mesh_spec, preset: str, devices):
                  "nonfinite": faults.init_counters()}
         state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings,
                            "nonfinite": {"count": replicated, "first_step": replicated}}
-        step = jax.jit(make_train_step(task, tx, schedule, jax.random.key(1)),
-                       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                       out_shardings=(state_shardings, replicated))
+        train_step = make_train_step(task, tx, schedule, jax.random.key(1))
+
+        def step_and_grads(state, batch):
+            """The trainer's step, and the gradients it took (its loss at its step's rng)."""
+            rng = jax.random.fold_in(jax.random.key(1), state["step"])
+            grads = jax.grad(lambda p: task.loss(p, batch, rng)[0])(state["params"])
+            return (*train_step(state, batch), grads)
+
+        step = jax.jit(step_and_grads, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                       out_shardings=(state_shardings, replicated, param_shardings))
         before = jax.device_get(state["params"])
-        state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
-        return before, jax.device_get(state["params"]), jax.device_get(metrics), state["params"]
+        state, metrics, grads = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+        return (before, jax.device_get(state["params"]), jax.device_get(metrics), jax.device_get(grads),
+                state["params"])
 
 
-@pytest.fixture(scope="module", params=["classification", "contrastive"])
+@pytest.fixture(scope="module", params=["classification", "contrastive", "mae"])
 def reference(request):
     return request.param, _one_step(request.param, [("data", 1)], "dp", jax.devices()[:1])
 
 
 @pytest.mark.parametrize("preset", list(MESHES))
 def test_sharded_step_equals_single_device(reference, preset):
-    task_name, (ref_before, ref_after, ref_metrics, _) = reference
-    before, after, metrics, params = _one_step(task_name, MESHES[preset], preset, jax.devices())
+    task_name, (ref_before, ref_after, ref_metrics, ref_grads, _) = reference
+    before, after, metrics, grads, params = _one_step(task_name, MESHES[preset], preset, jax.devices())
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), before, ref_before)
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=RTOL, atol=ATOL)
+    flat, ref_flat = (jax.tree_util.tree_leaves_with_path(g) for g in (grads, ref_grads))
+    largest = max(np.abs(b).max() for _, b in ref_flat)
+    for (path, a), (_, b) in zip(flat, ref_flat, strict=True):
+        atol = max(GRAD_ATOL_OF_LEAF * np.abs(b).max(), GRAD_ATOL_OF_ALL * largest)
+        np.testing.assert_allclose(a, b, rtol=GRAD_RTOL, atol=atol, err_msg=jax.tree_util.keystr(path))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=UPDATE_ATOL), after, ref_after)
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), after, before))
     assert sum(changed) > 0.9 * len(changed), "the step should update (almost) every parameter"
