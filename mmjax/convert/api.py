@@ -16,6 +16,7 @@ from mmjax.convert import (
     albef,
     beit,
     bert,
+    big_vision,
     blip,
     blip2,
     blip2_lavis,
@@ -37,7 +38,7 @@ from mmjax.convert import (
 )
 from mmjax.convert.export import Export, as_export
 
-SOURCES = ("timm", "open_clip", "hf", "dall_e", "albef", "lavis", "blip", "minigpt4")
+SOURCES = ("timm", "open_clip", "hf", "dall_e", "albef", "lavis", "blip", "minigpt4", "big_vision")
 # several files -> one state dict; the LM folder's key prefix (lavis: by its model_type, opt_model. / t5_model.)
 MERGED_SOURCES = {"lavis": blip2_lavis.lm_prefix, "minigpt4": minigpt4.LM_PREFIX}
 HF_ARCHITECTURES = {"ViTModel": vit.from_hf, "ViTForImageClassification": vit.from_hf, "CLIPModel": clip.from_hf,
@@ -59,6 +60,7 @@ HF_MODEL_TYPES = {"vit": "ViTModel", "clip": "CLIPModel", "siglip": "SiglipModel
 EXPORTS = {
     (vit.VIT, "timm"): siglip.vit_timm_export,    # a plain timm ViT, or a vit_*_siglip_* tower
     (vit.VIT, "hf"): vit.hf_export,
+    (vit.VIT, "big_vision"): big_vision.npz_export,   # the vision_transformer (AugReg) .npz layout
     (clip.CLIP, "open_clip"): siglip.clip_open_clip_export,   # a CLIP, or a SigLIP's CustomTextCLIP
     (clip.CLIP, "hf"): siglip.clip_hf_export,     # CLIPModel, or SiglipModel for a SigLIP
     (beit.BEIT, "timm"): beit.timm_export,
@@ -135,6 +137,9 @@ def plan_import(source: str, checkpoint: str | Sequence[str], model: str | None 
     if source == "blip":    # an official salesforce/BLIP checkpoint: the model and its sizes are read from its keys
         state = io.read_state_dict(checkpoint)
         return blip_official.from_official(state), state
+    if source == "big_vision":   # JAX .npz: the architecture is read from its shapes; `model` only checks it
+        state = big_vision.unroll_scanned(io.read_state_dict(checkpoint))
+        return big_vision.from_npz(state, model), state
     if not model:
         raise engine.ConversionError(f"--model is required for --source {source}")
     if source == "timm" and siglip.is_timm_name(model):
@@ -165,7 +170,7 @@ def plan_import(source: str, checkpoint: str | Sequence[str], model: str | None 
 def import_checkpoint(source: str, checkpoint: str | Sequence[str], output: str, model: str | None = None, *,
                       scan: bool = False, overwrite: bool = False,
                       timm_model_args: dict | None = None) -> engine.Plan:
-    """Converts a PyTorch checkpoint into an mmjax model directory (see mmjax.pretrained);
+    """Converts a PyTorch (or big_vision .npz) checkpoint into an mmjax model directory (see mmjax.pretrained);
     `timm_model_args`: see plan_import."""
     plan, state = plan_import(source, checkpoint, model, timm_model_args)
     module = pretrained.build(plan.model_class, plan.fields)
@@ -222,6 +227,8 @@ def export_checkpoint(target: str, path: str, output: str, step: int | None = No
     """Writes a model directory or run as a `target` state dict file (for hf: a model folder);
     open_clip and plain timm ViTs also get the config that builds the model (library_configs)."""
     spec = plan_export(target, path)
+    if target == "big_vision" and not output.endswith(".npz"):
+        raise engine.ConversionError(f"--to big_vision writes a JAX .npz file; got --output {output!r}")
     config = pretrained.model_config(path)
     unscanned = {"scan": False} if "scan" in config["fields"] else {}   # dVAE: no stack
     _, params = pretrained.load_arrays(path, step=step, which=which, **unscanned)

@@ -4,6 +4,8 @@
         [--model-args '{"global_pool": "avg"}']   (the pooling it was made with; default: timm's config beside it)
     mmjax-convert --source open_clip --model ViT-B-16 --checkpoint open_clip_model.safetensors --output DIR
     mmjax-convert --source hf --checkpoint HF_MODEL_FOLDER --output DIR
+    mmjax-convert --source big_vision --checkpoint ViT-B_16.npz --output DIR    (big_vision / AugReg .npz;
+        the shapes give the architecture, an optional --model vit_base_patch16_224 or B/16 is checked)
     mmjax-convert --source dall_e --model encoder --checkpoint dall_e_encoder.pt --output DIR
     mmjax-convert --source minigpt4 --checkpoint eva_vit_g.pth --checkpoint blip2_pretrained_flant5xxl.pth \
         --checkpoint VICUNA_FOLDER --checkpoint pretrained_minigpt4.pth --output DIR
@@ -11,6 +13,7 @@
         --checkpoint FLAN_T5_XL_FOLDER --output DIR        (LAVIS blip2_t5; blip2_opt with an OPT folder)
     mmjax-convert --to timm --input DIR --output model.safetensors
     mmjax-convert --to hf --input DIR --output HF_MODEL_FOLDER     (ViT, CLIP, MAE, BEiT)
+    mmjax-convert --to big_vision --input DIR --output model.npz    (a ViT, in the AugReg .npz layout)
 
 A training workdir (mmjax-train --workdir) works as --input too: its newest good checkpoint, or
 --step N; without --to it becomes a model directory:
@@ -25,7 +28,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-EXPORT_TARGETS = ("timm", "open_clip", "hf", "dall_e", "albef", "blip")
+EXPORT_TARGETS = ("timm", "open_clip", "hf", "dall_e", "albef", "blip", "big_vision")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,14 +36,14 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     direction = p.add_mutually_exclusive_group()
     direction.add_argument("--source", choices=("timm", "open_clip", "hf", "dall_e", "albef", "lavis", "blip",
-                                                "minigpt4"),
+                                                "minigpt4", "big_vision"),
                            help="convert a PyTorch checkpoint of this library into an mmjax model directory")
     direction.add_argument("--to", choices=EXPORT_TARGETS,
                            help="convert an mmjax model directory or training workdir into a state dict of "
                                 "this library (open_clip and timm ViTs: plus OUTPUT's stem .json, the config "
                                 "that builds the model)")
     p.add_argument("--model", help="timm / open_clip model name (or an open_clip config .json), "
-                                   "dall_e: encoder or decoder; "
+                                   "dall_e: encoder or decoder; big_vision: optional, checked against the shapes; "
                                    "not needed for hf, whose config.json names the architecture")
     p.add_argument("--model-args", metavar="JSON",
                    help="timm ViTs: the timm.create_model arguments the checkpoint was made with, as a JSON "
@@ -48,9 +51,9 @@ def _parser() -> argparse.ArgumentParser:
                         "'{\"global_pool\": \"avg\", \"fc_norm\": false}'. Default: from NAME.json or "
                         "config.json beside the checkpoint (timm's Hub layout), else the name's global_pool='token'")
     p.add_argument("--checkpoint", action="append",
-                   help="state dict file (.safetensors, .bin, .pth), or a transformers folder; lavis and minigpt4 "
-                        "take several, merged (their released files hold the trained parameters only): e.g. "
-                        "eva_vit_g.pth, the BLIP-2 file, the LM's transformers folder, the MiniGPT-4 file")
+                   help="state dict file (.safetensors, .bin, .pth; big_vision: .npz), or a transformers folder; "
+                        "lavis and minigpt4 take several, merged (their released files hold the trained parameters "
+                        "only): e.g. eva_vit_g.pth, the BLIP-2 file, the LM's transformers folder, the MiniGPT-4 file")
     p.add_argument("--input", help="mmjax model directory or training workdir (with --to); a workdir "
                                    "alone becomes a model directory")
     p.add_argument("--step", type=int, help="with a workdir: this checkpoint step (default: the newest good one)")

@@ -211,12 +211,22 @@ def to_mmjax(state: Mapping[str, np.ndarray], table: Table, expected: Mapping[st
             dtype = getattr(target, "dtype", np.float32)
             array = rl.transform.to_mmjax(np.asarray(piece), _shape(target))
             out[path], origin[path] = np.asarray(array, dtype, order="C"), key    # contiguous: fast to save
-    missing = [f"{p} {_shape(expected[p])}" for p in expected if p not in out and p not in reported]
+    missing = [f"{p} {_shape(expected[p])}{_expected_key(table, p)}" for p in expected
+               if p not in out and p not in reported]
     problems = {"unexpected keys (no place in the model)": unexpected, "mis-shaped keys": misshaped,
                 "keys mapped twice": duplicated, "missing model parameters (absent from the checkpoint)": missing}
     if any(problems.values()):
         raise ConversionError(_report(f"The {what} does not fit the model:", problems))
     return out
+
+
+def _expected_key(table: Table, path: str) -> str:
+    """", from KEY": the checkpoint key that a missing mmjax parameter is read from, to name it."""
+    for rl, regexes in zip(table.rules, table._mmjax_res):
+        for regex in regexes:
+            if rl.export and (m := regex.fullmatch(path)):
+                return f", from {rl.torch_key.format(**m.groupdict())}"
+    return ""
 
 
 def to_torch(params: Mapping[str, np.ndarray], table: Table, what: str = "state dict") -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """Reading and writing PyTorch state dicts as NumPy arrays.
 
-`.safetensors` files are read and written with the `safetensors` package alone (no torch);
+`.safetensors` files are read and written with the `safetensors` package alone (no torch), JAX
+`.npz` files (flattened Flax trees: big_vision, vision_transformer) with NumPy alone;
 `.bin` / `.pth` / `.pt` pickles and TorchScript archives (OpenAI's original CLIP files) need
 torch, imported only then. Hugging Face model folders are read as config.json plus weights.
 Files and folders may be in a bucket (gs://..., see `mmjax.paths`).
@@ -24,7 +25,7 @@ TORCH_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """A flat {key: array} from a .safetensors, .bin, .pth or .pt file; floats become float32.
+    """A flat {key: array} from a .safetensors, .npz, .bin, .pth or .pt file; floats become float32.
 
     Wrappers are removed: a {"state_dict": ...} or {"model": ...} top level, and a "module."
     prefix on every key (DistributedDataParallel).
@@ -38,10 +39,13 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"Checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
         state = _read_safetensors(path)
+    elif path.endswith(".npz"):
+        state = _read_npz(path)
     elif path.endswith(TORCH_SUFFIXES):
         state = _read_torch(path)
     else:
-        raise ConversionError(f"Unknown checkpoint format {path!r}: expected .safetensors or one of {TORCH_SUFFIXES}")
+        raise ConversionError(f"Unknown checkpoint format {path!r}: expected .safetensors, .npz or one of "
+                              f"{TORCH_SUFFIXES}")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return {k: v.astype(np.float32, copy=False) if _is_float(v.dtype) else v for k, v in state.items()}
@@ -66,6 +70,19 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
                 if view["dtype"] == "BF16":
                     state[key] = np.frombuffer(view["data"], ml_dtypes.bfloat16).reshape(view["shape"])
     return state
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """A NumPy archive without pickles (a JAX checkpoint holds arrays only)."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):   # a lone .npy array under an .npz name
+            raise ValueError(f"it holds one {type(archive).__name__}, not named arrays")
+        with archive:
+            return {k: archive[k] for k in archive.files}
+    except (EOFError, OSError, ValueError) as e:
+        raise ConversionError(f"Cannot read {path} as a .npz archive of arrays (truncated, pickled or not "
+                              f"an .npz): {e}") from e
 
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
@@ -105,7 +122,7 @@ def _is_torchscript(path: str) -> bool:
 
 
 def write_state_dict(path: str, state: Mapping[str, np.ndarray]) -> None:
-    """Writes .safetensors (no torch needed) or, for .bin/.pth/.pt, a torch.save'd dict of tensors."""
+    """Writes .safetensors or .npz (no torch needed) or, for .bin/.pth/.pt, a torch.save'd dict of tensors."""
     if paths.is_remote(path):  # gs://...: written locally, then uploaded
         with paths.local_target(path) as local:
             write_state_dict(local, state)
@@ -114,11 +131,13 @@ def write_state_dict(path: str, state: Mapping[str, np.ndarray]) -> None:
     arrays = {k: np.asarray(v, order="C") for k, v in state.items()}
     if path.endswith(".safetensors"):
         safetensors.numpy.save_file(arrays, path, metadata={"format": "pt"})
+    elif path.endswith(".npz"):
+        np.savez(path, **arrays)
     elif path.endswith(TORCH_SUFFIXES):
         import torch
         torch.save({k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, path)
     else:
-        raise ConversionError(f"Unknown output format {path!r}: use .safetensors or one of {TORCH_SUFFIXES}")
+        raise ConversionError(f"Unknown output format {path!r}: use .safetensors, .npz or one of {TORCH_SUFFIXES}")
 
 
 def read_hf_folder(folder: str) -> tuple[dict, dict[str, np.ndarray]]:

@@ -68,9 +68,16 @@ def test_bad_files(tmp_path):
     (tmp_path / "cut.pth").write_bytes(data[:len(data) // 2])
     with pytest.raises(ConversionError, match="cut.pth as a PyTorch checkpoint .truncated"):
         io.read_state_dict(str(tmp_path / "cut.pth"))
-    (tmp_path / "x.npz").write_bytes(b"")
+    (tmp_path / "x.h5").write_bytes(b"")
     with pytest.raises(ConversionError, match="Unknown checkpoint format"):
+        io.read_state_dict(str(tmp_path / "x.h5"))
+    (tmp_path / "x.npz").write_bytes(b"")
+    with pytest.raises(ConversionError, match="x.npz as a .npz archive of arrays .truncated"):
         io.read_state_dict(str(tmp_path / "x.npz"))
+    np.save(tmp_path / "one.npy", np.ones(3))
+    (tmp_path / "one.npy").rename(tmp_path / "one.npz")
+    with pytest.raises(ConversionError, match="one ndarray, not named arrays"):
+        io.read_state_dict(str(tmp_path / "one.npz"))
     torch.save([torch.ones(2)], tmp_path / "list.pth")
     with pytest.raises(ConversionError, match="not a state dict"):
         io.read_state_dict(str(tmp_path / "list.pth"))
