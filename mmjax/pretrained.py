@@ -139,7 +139,9 @@ def read_config(directory: str) -> dict:
 def load(path: str, *, step: int | None = None, which: str = "params", mesh: jax.sharding.Mesh | None = None,
          sharding: str = "fsdp", image_size: int | tuple[int, int] | None = None,
          **overrides: Any) -> tuple[nn.Module, dict]:
-    """(model, variables) from a model directory or a training workdir, ready for `model.apply`.
+    """(model, variables) from a model directory or a training workdir, ready for `model.apply`;
+    a Hugging Face Hub name (`org/name`, `hf-hub:org/name`) of a model directory is read through the
+    Hub's cache (mmjax.hub).
 
     overrides: model fields, e.g. scan=True (layers stacked for nn.scan), dtype=jnp.bfloat16,
     attention_impl="cudnn". image_size: run at another resolution; learned position
@@ -192,8 +194,11 @@ def param_shardings(model: nn.Module, inputs: Sequence[dict], mesh: jax.sharding
 
 
 def _load(path: str, step: int | None, which: str, image_size, overrides: dict):
-    """(model, flat host params, example inputs) of a model directory or run."""
-    from mmjax import runs
+    """(model, flat host params, example inputs) of a model directory or run (or a Hub name of a
+    model directory, mmjax.hub)."""
+    from mmjax import hub, runs
+    if hub.is_hub_name(path):
+        path = hub.snapshot(path)
     if runs.is_run(path):
         config, params, _ = runs.read_params(path, step, which)
         stored = flatten(params)
@@ -263,10 +268,23 @@ def resized(path: str, value: np.ndarray, shape: Sequence[int], num_prefix: int,
     return None
 
 
+def posemb_prefix(flat: dict, owner: str, stored_len: int) -> int:
+    """How many prefix tokens (class token, registers) a stored position embedding of `stored_len`
+    positions covers: of the ViT layouts (mmjax.models.vit.PREFIX_POSEMBS: all prefix tokens, the
+    class token only, none), the first whose remaining positions form a square grid. Sibling `cls`
+    and `registers` parameters say which prefix tokens exist."""
+    cls = int(f"{owner}cls" in flat)
+    registers = np.shape(flat[f"{owner}registers"])[1] if f"{owner}registers" in flat else 0
+    for prefix in (cls + registers, cls, 0):
+        if math.isqrt(stored_len - prefix) ** 2 == stored_len - prefix:
+            return prefix
+    return cls + registers
+
+
 def _resize_to_model(flat: dict, expected: dict, image_hw: Sequence[int] | None) -> dict:
     """Resizes stored position embeddings and relative position tables made for another image
-    size. A sibling `cls` parameter marks one prefix token; the new grid follows the image
-    aspect ratio. What cannot be resized is left for the shape check to report."""
+    size. Sibling `cls` and `registers` parameters mark prefix tokens (`posemb_prefix`); the new grid
+    follows the image aspect ratio. What cannot be resized is left for the shape check to report."""
     out = dict(flat)
     if image_hw is None:
         return out
@@ -275,7 +293,7 @@ def _resize_to_model(flat: dict, expected: dict, image_hw: Sequence[int] | None)
         if value is None or np.shape(value) == tuple(target.shape):
             continue
         if path.endswith(POSEMB) and len(target.shape) == 3:
-            prefix = int(f"{path[:-len(POSEMB)]}cls" in flat)
+            prefix = posemb_prefix(flat, path[:-len(POSEMB)], np.shape(value)[1])
             tokens = target.shape[1] - prefix
             rows = max(round(math.sqrt(tokens * image_hw[0] / image_hw[1])), 1)
             new = resized(path, value, target.shape, prefix, (rows, tokens // rows))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mmjax import inference_spec, paths, pretrained, runs
+from mmjax import hub, inference_spec, paths, pretrained, runs
 from mmjax.convert import (
     albef,
     beit,
@@ -99,6 +99,22 @@ def _sidecar_timm_args(checkpoint: str) -> dict | None:
     return None
 
 
+def _resolve_hub_names(source: str, files: list, model: str | None) -> tuple[list, str | None]:
+    """Hugging Face Hub names among the checkpoints as local files (mmjax.hub: the repository's weights
+    file in `source`'s Hub layout, or its folder); a lone repository also names the model when
+    `model` is None (timm's config.json, open_clip's open_clip_config.json)."""
+    resolved = []
+    for spec in files:
+        if not hub.is_hub_name(str(spec)):
+            resolved.append(spec)
+            continue
+        folder = hub.snapshot(str(spec))
+        resolved.append(hub.weights_file(folder, source, str(spec)))
+        if model is None and len(files) == 1:
+            model = hub.model_name(folder, source)
+    return resolved, model
+
+
 def plan_import(source: str, checkpoint: str | Sequence[str], model: str | None = None,
                 timm_model_args: dict | None = None) -> tuple[engine.Plan, dict]:
     """(plan, state dict) for a source checkpoint; the model name is checked before the file is read.
@@ -112,6 +128,7 @@ def plan_import(source: str, checkpoint: str | Sequence[str], model: str | None 
     if source not in SOURCES:
         raise engine.ConversionError(f"Unknown source {source!r}; known: {SOURCES}")
     files = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
+    files, model = _resolve_hub_names(source, files, model)
     if source in MERGED_SOURCES:
         state, notes, lm_config = blip2_lavis.assemble(files, MERGED_SOURCES[source])
         if source == "lavis":
@@ -183,6 +200,7 @@ def import_checkpoint(source: str, checkpoint: str | Sequence[str], output: str,
         flat = engine.stack_layers(flat)
     described = {"class": plan.model_class, "fields": plan.fields, "inputs": plan.inputs, "source": plan.source}
     folder = checkpoint if isinstance(checkpoint, str) else checkpoint[0]
+    folder = hub.snapshot(folder) if hub.is_hub_name(str(folder)) else folder
     processor = paths.join(folder, "preprocessor_config.json") if source == "hf" else ""
     processed = _read_json(processor) if processor and paths.isfile(processor) else None
     inference = inference_spec.for_source(described, processed)

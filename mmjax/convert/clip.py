@@ -95,7 +95,8 @@ def open_clip_config(name: str) -> dict:
     """open_clip's JSON config for `name` (built-in table, installed open_clip, or a .json path)."""
     if name.endswith(".json") and os.path.isfile(name):
         with open(name) as f:
-            return json.load(f)
+            config = json.load(f)
+        return config.get("model_cfg", config)      # a Hub repository's open_clip_config.json nests it
     base = name.removesuffix(QUICKGELU)
     if base in OPEN_CLIP_MODELS:
         embed, size, patch, width, layers, head_width, ratio, t_width, t_heads, t_layers = OPEN_CLIP_MODELS[base]
