@@ -66,7 +66,7 @@ def encoder(module_tmp, convert):
 def test_encoder_matches_dall_e(encoder, diff):
     (logits, ids), want = encoder["got"], encoder["want"]
     assert logits.shape == (1, 14, 14, 8192) and ids.dtype == np.int32
-    assert diff(logits, want, "dall_e Encoder @112px logits") <= 1e-4
+    assert diff(logits, want, "dall_e Encoder @112px logits") <= 1e-5
     _check_ids(ids, want, "dall_e Encoder @112px")
 
 
@@ -97,7 +97,7 @@ def test_decoder_matches_dall_e(tmp_path, convert, diff):
     assert isinstance(model, dvae.DVAEDecoder) and model.n_init == 128 and model.n_hid == 256
     got = jax.jit(model.apply)(variables, tokens)
     assert got.shape == (1, 112, 112, 6)
-    assert diff(got, want, "dall_e Decoder (14x14 tokens -> 112px) logit-Laplace statistics") <= 1e-4
+    assert diff(got, want, "dall_e Decoder (14x14 tokens -> 112px) logit-Laplace statistics") <= 5e-6
 
 
 def test_flava_image_codebook_matches_transformers(tmp_path, convert, diff):
@@ -113,7 +113,7 @@ def test_flava_image_codebook_matches_transformers(tmp_path, convert, diff):
     convert("--source", "hf", "--checkpoint", tmp_path / "hf", "--output", tmp_path / "mm")
     model, variables = mmjax.load(str(tmp_path / "mm"))
     logits, ids = _encode(model, variables, x)
-    assert diff(logits, want, "transformers FlavaImageCodebook @112px logits") <= 1e-4
+    assert diff(logits, want, "transformers FlavaImageCodebook @112px logits") <= 1e-5
     _check_ids(ids, want, "transformers FlavaImageCodebook @112px")
 
 
