@@ -276,7 +276,7 @@ def posemb_prefix(flat: dict, owner: str, stored_len: int) -> int:
     cls = int(f"{owner}cls" in flat)
     registers = np.shape(flat[f"{owner}registers"])[1] if f"{owner}registers" in flat else 0
     for prefix in (cls + registers, cls, 0):
-        if math.isqrt(stored_len - prefix) ** 2 == stored_len - prefix:
+        if stored_len >= prefix and math.isqrt(stored_len - prefix) ** 2 == stored_len - prefix:
             return prefix
     return cls + registers
 

@@ -42,6 +42,7 @@ SOURCES = ("timm", "open_clip", "hf", "dall_e", "albef", "lavis", "blip", "minig
 # several files -> one state dict; the LM folder's key prefix (lavis: by its model_type, opt_model. / t5_model.)
 MERGED_SOURCES = {"lavis": blip2_lavis.lm_prefix, "minigpt4": minigpt4.LM_PREFIX}
 HF_ARCHITECTURES = {"ViTModel": vit.from_hf, "ViTForImageClassification": vit.from_hf, "CLIPModel": clip.from_hf,
+                    **dict.fromkeys(vit.HF_DINOV2_ARCHITECTURES, vit.from_hf_dinov2),
                     **dict.fromkeys(siglip.HF_ARCHITECTURES, siglip.from_hf),
                     "ViTMAEForPreTraining": mae.from_hf, "BeitForMaskedImageModeling": beit.from_hf,
                     "BeitForImageClassification": beit.from_hf, "FlavaImageCodebook": dvae.from_hf,
@@ -54,7 +55,8 @@ HF_ARCHITECTURES = {"ViTModel": vit.from_hf, "ViTForImageClassification": vit.fr
 HF_MODEL_TYPES = {"vit": "ViTModel", "clip": "CLIPModel", "siglip": "SiglipModel", "vit_mae": "ViTMAEForPreTraining",
                   "flava_image_codebook": "FlavaImageCodebook", "bert": "BertModel",
                   "vilt": "ViltModel", "llama": "LlamaForCausalLM", "opt": "OPTForCausalLM",
-                  "qwen2": "Qwen2ForCausalLM", "t5": "T5ForConditionalGeneration"}
+                  "qwen2": "Qwen2ForCausalLM", "t5": "T5ForConditionalGeneration",
+                  **{t: a for a, t in vit.HF_DINOV2_MODEL_TYPES.items()}}
 # (mmjax model class, target library) -> function(model_config) -> (table, HF config.json or None) or an
 # export.Export (when the target also stores fixed tensors or has no place for some parameters)
 EXPORTS = {

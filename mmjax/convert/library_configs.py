@@ -55,13 +55,26 @@ def open_clip_config(model_config: dict) -> dict:
     return config
 
 
+def _timm_prefix_args(fields: dict) -> dict:
+    """timm arguments for layer scale, register tokens, their position embedding and mean pooling."""
+    args = {}
+    if fields.get("layer_scale") is not None:
+        args["init_values"] = fields["layer_scale"]
+    if fields.get("num_registers"):
+        args["reg_tokens"] = fields["num_registers"]
+    if fields.get("prefix_posemb", "all") == "none":
+        args["no_embed_class"] = True
+    if fields.get("pool") == "gap":
+        args.update(global_pool="avg", class_token=bool(fields.get("class_token")), fc_norm=bool(fields.get("fc_norm")))
+    return args
+
+
 def timm_vit_config(model_config: dict) -> dict | None:
-    """timm.create_model arguments for a plain ViT; None when the model needs more than JSON
-    arguments can say (another norm eps or activation, CLIP-style pre-norm)."""
+    """timm.create_model arguments for a plain, DINOv2 or register ViT; None when the model needs more
+    than JSON arguments can say (another norm eps or activation, CLIP-style pre-norm)."""
     fields = model_config["fields"]
     if (model_config["class"] != "mmjax.models.vit.ViT" or not math.isclose(fields.get("ln_eps", 1e-6), 1e-6)
-            or fields.get("act", "gelu") != "gelu" or fields.get("pre_norm") or not fields.get("patch_bias", True)
-            or fields.get("layer_scale") is not None):
+            or fields.get("act", "gelu") != "gelu" or fields.get("pre_norm") or not fields.get("patch_bias", True)):
         return None
     arch = _vit_arch(fields)
     size = model_config["inputs"][0]["shape"][1:3]
@@ -69,6 +82,7 @@ def timm_vit_config(model_config: dict) -> dict | None:
             "embed_dim": arch["width"], "depth": arch["depth"], "num_heads": arch["num_heads"],
             "mlp_ratio": arch["mlp_dim"] / arch["width"], "num_classes": fields.get("num_classes") or 0,
             "qkv_bias": fields.get("qkv_bias", True), "in_chans": fields.get("in_channels", 3)}
+    args.update(_timm_prefix_args(fields))
     if fields.get("qkv_bias") == "qv":       # timm's Eva: its qkv_bias means q and v biases
         return {"architecture": "eva_giant_patch14_clip_224", "model_args": {**args, "qkv_bias": True}}
     return {"architecture": "vit_base_patch16_224", "model_args": args}

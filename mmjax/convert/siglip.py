@@ -207,8 +207,9 @@ def from_timm(name: str, state: dict[str, np.ndarray], model_args: dict | None =
 
 
 def is_timm_tower(fields: dict) -> bool:
-    """A ViT pooled like timm's SigLIP towers (no class token; attention probe or mean)."""
-    return fields.get("class_token") is False and fields.get("pool") in ("map", "gap")
+    """A ViT pooled like timm's SigLIP towers (no class token; attention probe or mean; no registers)."""
+    no_prefix = fields.get("class_token") is False and not fields.get("num_registers")
+    return no_prefix and fields.get("pool") in ("map", "gap")
 
 
 def timm_export(config: dict) -> tuple[Table, None]:

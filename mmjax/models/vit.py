@@ -1,8 +1,9 @@
 """Vision Transformer (Dosovitskiy et al. 2021) with big_vision's variants table.
 
 `ViT(variant="B/16")` expands to width/depth/mlp/heads/patch; any field can be overridden.
-`__call__` returns a dict (mmjax.models.outputs): "tokens" (the encoded sequence), "pooled"
-(the pre-logits; not with `pool="none"`) and "logits" when `num_classes` is set.
+`__call__` returns a dict (mmjax.models.outputs): "tokens" (the encoded sequence: [CLS], register
+tokens, patches), "pooled" (the pre-logits, never from the registers; not with `pool="none"`) and
+"logits" when `num_classes` is set.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ VARIANTS = {
 }
 POOLS = ("cls", "gap", "map", "none")
 POSEMBS = ("learn", "sincos2d")
+# Which prefix tokens a learned position embedding covers besides the patches: "all" (class token
+# and registers: timm's default), "cls" (the class token, not the registers: DINOv2 and transformers'
+# Dinov2WithRegisters) or "none" (patches only: timm's no_embed_class, DeiT-3, timm's register ViTs).
+PREFIX_POSEMBS = ("all", "cls", "none")
 
 
 def parse_variant(variant: str) -> dict:
@@ -87,6 +92,14 @@ def drop_patches(rng: jax.Array, x: jax.Array, num_prefix: int, drop_ratio: floa
     return jnp.concatenate([x[:, :num_prefix], kept], axis=1)
 
 
+def without_registers(x: jax.Array, num_cls: int, num_registers: int) -> jax.Array:
+    """The class token (if any) and patch tokens of [class token, registers, patches]: registers
+    only carry computation (Darcet et al. 2024) and, as in timm, no pooling sees them."""
+    if not num_registers:
+        return x
+    return jnp.concatenate([x[:, :num_cls], x[:, num_cls + num_registers:]], axis=1)
+
+
 class MAPHead(nn.Module):
     """Multihead attention pooling: one learned probe attends over the tokens."""
 
@@ -119,7 +132,9 @@ class ViT(nn.Module):
     in_channels: int = 3
     pool: str = "cls"
     class_token: bool | None = None  # default: only with pool="cls"; "gap" then averages patches only (MAE FT)
+    num_registers: int = 0          # learned register tokens after the class token (Darcet et al. 2024)
     posemb: str = "learn"
+    prefix_posemb: str = "all"      # learned posemb of the prefix tokens too: PREFIX_POSEMBS
     pre_norm: bool = False          # CLIP's ln_pre before the blocks
     fc_norm: bool = False           # norm the pooled vector instead of all tokens
     patch_bias: bool = True
@@ -156,12 +171,40 @@ class ViT(nn.Module):
             layer_scale=self.layer_scale, dropout=self.dropout, dtype=self.dtype,
             attention_impl=self.attention_impl)
 
+    def _prefix_tokens(self, name: str, count: int, batch: int, width: int, dtype) -> list[jax.Array]:
+        """A learned (B, count, D) prefix ([CLS]: zeros; registers: timm's normal(1e-6)); [] if count is 0."""
+        if not count:
+            return []
+        init = nn.initializers.zeros if name == "cls" else nn.initializers.normal(1e-6)
+        tokens = self.param(name, nn.with_logical_partitioning(init, (None, None, "embed")), (1, count, width))
+        return [jnp.broadcast_to(tokens.astype(dtype), (batch, count, width))]
+
+    def _embed_positions(self, x: jax.Array, grid: tuple[int, int], use_cls: bool) -> jax.Array:
+        """(B, h*w, D) patches -> [class token, registers, patches] with the position embedding added
+        to the tokens `posemb` and `prefix_posemb` say (the order and rules of timm's `_pos_embed`)."""
+        b, _, width = x.shape
+        cls = self._prefix_tokens("cls", int(use_cls), b, width, x.dtype)
+        registers = self._prefix_tokens("registers", self.num_registers, b, width, x.dtype)
+        if self.posemb == "sincos2d":
+            return jnp.concatenate([*cls, *registers, x + layers.sincos_2d(grid, width).astype(x.dtype)], axis=1)
+        posemb = layers.LearnedPosEmb(name="posemb")
+        if self.prefix_posemb == "none":
+            return jnp.concatenate([*cls, *registers, posemb(x)], axis=1)
+        if self.prefix_posemb == "cls":
+            x = posemb(jnp.concatenate([*cls, x], axis=1))
+            return jnp.concatenate([x[:, :len(cls)], *registers, x[:, len(cls):]], axis=1)
+        return posemb(jnp.concatenate([*cls, *registers, x], axis=1))
+
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
         if self.pool not in POOLS:
             raise ValueError(f"Unknown pool {self.pool!r}; known: {POOLS}")
         if self.posemb not in POSEMBS:
             raise ValueError(f"Unknown posemb {self.posemb!r}; known: {POSEMBS}")
+        if self.prefix_posemb not in PREFIX_POSEMBS:
+            raise ValueError(f"Unknown prefix_posemb {self.prefix_posemb!r}; known: {PREFIX_POSEMBS}")
+        if self.num_registers < 0:
+            raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
         if not 0.0 <= self.patch_drop_ratio < 1.0:
             raise ValueError(f"patch_drop_ratio must be in [0, 1), got {self.patch_drop_ratio}")
         use_cls = self.pool == "cls" if self.class_token is None else self.class_token
@@ -179,16 +222,9 @@ class ViT(nn.Module):
                                   name="embedding")(images.astype(self.dtype))
         b, h, w, _ = x.shape
         x = x.reshape(b, h * w, width)
-        if self.posemb == "sincos2d":
-            x = x + layers.sincos_2d((h, w), width).astype(x.dtype)
-        if use_cls:
-            cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
-                             (1, 1, width))
-            x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, width)), x], axis=1)
-        if self.posemb == "learn":
-            x = layers.LearnedPosEmb(name="posemb")(x)
+        x = self._embed_positions(x, (h, w), use_cls)
         if train and self.patch_drop_ratio > 0:   # uses the "dropout" rng stream, as FLIP does
-            x = drop_patches(self.make_rng("dropout"), x, int(use_cls), self.patch_drop_ratio)
+            x = drop_patches(self.make_rng("dropout"), x, int(use_cls) + self.num_registers, self.patch_drop_ratio)
         if self.pre_norm:
             x = layers.LayerNorm(self.ln_eps, name="ln_pre")(x)
         x = layers.constrain(x, ("act_batch", "act_len", "act_emb"))
@@ -202,6 +238,7 @@ class ViT(nn.Module):
 
         if self.pool == "none":
             return out
+        x = without_registers(x, int(use_cls), self.num_registers)
         if self.pool == "cls":
             x = x[:, 0]
         elif self.pool == "gap":
@@ -230,13 +267,13 @@ class ViT(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 def tokens_seen(model: ViT, image_hw: tuple[int, int], train: bool = False) -> int:
-    """Tokens the encoder sees: kept patches (patch dropping in training) plus [CLS]."""
+    """Tokens the encoder sees: kept patches (patch dropping in training) plus [CLS] and registers."""
     patch = model.arch()["patch_size"]
     patches = (image_hw[0] // patch[0]) * (image_hw[1] // patch[1])
     if train:
         patches = kept_patches(patches, model.patch_drop_ratio)
     class_token = model.class_token
-    return patches + int(model.pool == "cls" if class_token is None else class_token)
+    return patches + int(model.pool == "cls" if class_token is None else class_token) + model.num_registers
 
 
 def patch_embed_flops(model: ViT, image_hw: tuple[int, int]) -> float:
