@@ -22,11 +22,10 @@ REMAT = {"off": "none", "on": "dots_no_batch"}
 # bf16 and the OPT stored in bf16; the Q-Former, queries and projection train. The data paths are only
 # named: the batch is a made-up example through the recipe's pp.
 _PAIRS = "vocab=shapes,image_dir=/data/pairs,captions=/data/pairs/captions.jsonl"
-RECIPES = {"blip2-stage2-opt2.7b": (f"experiments/blip2/stage2_opt.py:lm=opt-2.7b,{_PAIRS}",
-                                    ["--config.model.dtype=bfloat16", "--config.model.lm.param_dtype=bfloat16"], 120)}
-SMOKE_RECIPES = {"blip2-stage2-opt2.7b": ("experiments/blip2/stage2_opt.py:smoke=True",
-                                          ["--config.model.dtype=bfloat16", "--config.model.lm.param_dtype=bfloat16"],
-                                          8)}     # 8: one example per device of the tests' simulated mesh
+_BF16_FROZEN_LM = ["--config.model.dtype=bfloat16", "--config.model.lm.param_dtype=bfloat16"]
+RECIPES = {"blip2-stage2-opt2.7b": (f"experiments/blip2/stage2_opt.py:lm=opt-2.7b,{_PAIRS}", _BF16_FROZEN_LM, 120)}
+# The same rows on the recipes' smoke models; batch 8: one example per device of the tests' simulated mesh.
+SMOKE_RECIPES = {"blip2-stage2-opt2.7b": ("experiments/blip2/stage2_opt.py:smoke=True", _BF16_FROZEN_LM, 8)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
