@@ -5,7 +5,8 @@ They rebuild BLIP-2's setting in miniature: a frozen image encoder (the main job
 experiments/clip/shapes.py, as BLIP-2 uses EVA-CLIP's), a frozen language model (experiments/lm/shapes.py,
 as BLIP-2 uses OPT), and a small trained bridge between them. This module holds the frozen towers'
 architectures, the warm-start rules that take them from their runs' workdirs, and the held-out
-evaluations (captions and prompted questions on the test split).
+evaluations (captions and prompted questions on the test split). The fusion demos (ALBEF, BLIP and
+ViLT on shapes, `clip=`) take their image encoder from the same CLIP run.
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ def clip_vision_rules() -> list[tuple[str, str]]:
 # vision tower, EVA's: a key bias adds one constant to each query's logits, which softmax cancels).
 CLIP_UNUSED = (r"textual/.*", r"image_proj/.*", r"text_proj/.*", r"logit_scale")
 CLIP_KEY_BIAS = r"visual/.*/attn/key/bias"
+
+
+def clip_image_tower_init(clip: str, tower: str = "vision_model") -> dict:
+    """`config.init` for a model whose image encoder `tower/...` starts from the main job's CLIP run
+    (its `visual/...`), as ALBEF and BLIP start theirs from an ImageNet ViT; every other
+    parameter keeps its fresh initialisation."""
+    return dict(source=clip, rules=[(rf"{tower}/(.*)", r"visual/\1")], drop=list(CLIP_UNUSED),
+                fresh=[rf"(?!{tower}/).*"])
 
 
 def evals(every_steps: int, examples: int = 500) -> dict:

@@ -162,6 +162,10 @@ FULL_SPECS = [
 # Variants whose model another spec traces (the same model on other data) or the conversion tests
 # check at real size by shape (OPT-6.7B): their configs load and their pp strings run, nothing more.
 CONFIG_ONLY_SPECS = [
+    # The fusion demos from the main job's image tower (tests/test_warm_start.py builds their models)
+    "experiments/albef/shapes.py:clip=runs/clip",
+    "experiments/blip/shapes.py:clip=runs/clip",
+    "experiments/vilt/shapes_vqa.py:clip=runs/clip",
     f"experiments/albef/pretrain_4m.py:data=14m,{PAIRS},vocab={SHAPES_VOCAB}",
     f"experiments/blip/pretrain_14m.py:data=129m,{PAIRS},vocab={SHAPES_VOCAB}",
     f"experiments/blip2/stage2_opt.py:lm=opt-6.7b,vocab=shapes,{PAIRS},init=models/blip2_stage2_init",
@@ -212,12 +216,15 @@ def _pp_shapes(data, pp: str, tokenizer, where: str, text_keys: frozenset = froz
 
 
 def _text_keys(name: str, block) -> frozenset:
-    """The string columns an evaluator reads on the host (captioning references, VQA answers)."""
+    """The string columns an evaluator reads on the host (captioning references, VQA answers,
+    the captions whose attribute words retrieval reads)."""
     kind = runner.kind_of(name, block)
     if kind == "captioning":
         return frozenset({block.get("references_key", "caption")})
     if kind == "vqa":
         return frozenset({block.get("answers_key", "answer")})
+    if kind in ("retrieval", "itm_retrieval") and block.get("attribute_words"):
+        return frozenset({"caption"})     # which attributes each caption names
     return frozenset()
 
 

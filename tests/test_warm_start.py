@@ -318,3 +318,33 @@ def test_several_sources_each_under_its_prefix(tmp_path):
         warm_start.read_sources([("", first)], step=7)
     with pytest.raises(ValueError, match="list of \\(prefix, path\\) pairs"):
         warm_start.read_sources([first])
+
+
+def _recipe_param_shapes(spec: str) -> dict:
+    """Flat parameter shapes of a recipe's model at its real size (abstract: nothing computed)."""
+    from mmjax import tasks
+
+    task = tasks.get_task(configs.load_config(spec))
+    tokens = jnp.asarray(task.tokenizer(["a red circle"] * 2))
+    batch = {"image": jnp.zeros((2, 32, 32, 3)), "text": tokens, "mlm_input": tokens,
+             "mlm_labels": jnp.zeros(tokens.shape, jnp.int32), "answer_id": jnp.zeros((2,), jnp.int32)}
+    return flatten(nn.meta.unbox(jax.eval_shape(task.init_variables, jax.random.key(0), batch)["params"]))
+
+
+@pytest.mark.parametrize("spec, loaded", [
+    ("experiments/albef/shapes.py", r"visual_encoder/"), ("experiments/blip/shapes.py", r"vision_model/"),
+    ("experiments/vilt/shapes_vqa.py", r"(stem|encoder|ln_final)/|cls$|pos_embedding$")])
+def test_shapes_fusion_recipes_take_their_image_encoder_from_the_main_jobs_clip_run(spec, loaded):
+    """`clip=RUN`: the image encoder's parameters (ViLT: its whole transformer) are read from the CLIP
+    run's image tower at their shapes, every other parameter stays fresh, and every CLIP parameter
+    is used or dropped."""
+    import re
+
+    config = configs.load_config(f"{spec}:clip=runs/clip")
+    target = _recipe_param_shapes(f"{spec}:clip=runs/clip")
+    source = {k: np.zeros(v.shape, v.dtype) for k, v in _recipe_param_shapes("experiments/clip/shapes.py").items()}
+    rules = warm_start.init_rules(warm_start.config_block(config.init), {}, list(source))
+    mapped = warm_start.map_params(target, source, rules)        # raises on any gap or mis-shape
+    want = {path for path in target if re.match(loaded, path)}
+    assert want and set(mapped.arrays) == want and set(mapped.fresh) == set(target) - want
+    assert config.optimizer.lr_multipliers[0][1] < 1

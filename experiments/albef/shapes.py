@@ -16,19 +16,30 @@ caption first among 256 for 2% of images by ITC and by ITM re-ranking (chance 0.
 accuracy on held-out pairs is still near chance (0.53); this recipe's model after 150 steps of 64
 has train MLM accuracy 0.26 and in-batch ITC top-1 0.06. Shape words are not yet learned at
 these budgets. `retrieval` needs the "itm_retrieval" evaluator (mmjax/evaluate/drivers/).
+
+`clip=RUN` starts the image encoder from the main job's CLIP run (experiments/clip/shapes.py: its
+image tower's architecture and weights, fine-tuned at a tenth of the rate), as ALBEF starts from an
+ImageNet ViT; the text encoder stays fresh, where ALBEF's starts from BERT-base. Retrieval then also
+reports recall that counts any caption true of the image (`attribute_words`: many shapes captions fit
+several images). Measured: the README's "Fusion encoders on shapes" table
+(`python -m benchmarks.shapes_fusion`).
   mmjax-train --config experiments/albef/shapes.py --workdir runs/albef_shapes
+  mmjax-train --config experiments/albef/shapes.py:clip=runs/clip --workdir runs/albef_shapes_from_clip
 """
 
 import ml_collections
 
-from mmjax import configs, smoke
+from mmjax import configs, shapes_bridges, smoke
+from mmjax.data import shapes_captions
 
 PP_IMAGE = "resize(32)|value_range(-1,1)"
 PP_TEXT = "tokenize(key='caption',out='text')"
+# The raw caption and the scene's attributes, for recall that counts every caption true of the image.
+KEEP_ATTRIBUTES = "'caption','color','shape','size','position'"
 
 
 def get_config(arg=None):
-    arg = configs.parse_arg(arg, steps=1500, batch=64, queue=256, alpha=0.4, smoke=False)
+    arg = configs.parse_arg(arg, clip=None, steps=1500, batch=64, queue=256, alpha=0.4, smoke=False)
     c = ml_collections.ConfigDict()
     c.task = "albef"
     c.seed = 0
@@ -48,6 +59,10 @@ def get_config(arg=None):
         worker_count=0,
     )
     c.optimizer = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.02, grad_clip_norm=1.0)
+    if arg.clip:   # the image encoder from the main job's CLIP run, fine-tuned at a tenth of the rate
+        c.model.vision = dict(shapes_bridges.VISION)
+        c.init = shapes_bridges.clip_image_tower_init(arg.clip, "visual_encoder")
+        c.optimizer.lr_multipliers = ((r"^visual_encoder/", 0.1),)
     c.schedule = dict(lr=1e-3, warmup_steps=50, decay="cosine", end_lr=1e-5)
     c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
     c.sharding = "dp"
@@ -56,8 +71,9 @@ def get_config(arg=None):
     c.evals = dict(
         every_steps=500,
         retrieval=dict(kind="itm_retrieval", data=dict(name="mmjax_shapes", split="test"),
-                       pp=f"{PP_IMAGE}|{PP_TEXT}|keep('image','text')", batch_size=500, max_examples=1000,
-                       ks=(1, 5, 10), k=16, add_itc=False),
+                       pp=f"{PP_IMAGE}|{PP_TEXT}|keep('image','text',{KEEP_ATTRIBUTES})", batch_size=500,
+                       max_examples=1000, ks=(1, 5, 10), k=16, add_itc=False,
+                       attribute_words=shapes_captions.attribute_words()),
     )
     if arg.smoke:
         smoke.short_run(c, steps=4, log_every=2)

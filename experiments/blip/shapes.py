@@ -23,28 +23,27 @@ test images:
   measured): the hard negatives come from an ITC whose temperature falls fast (logit scale
   14 -> 187), so they are mostly captions of the same colour and shape, often describing the
   image equally well. Longer runs are not measured.
+
+`clip=RUN` starts the image encoder from the main job's CLIP run (its image tower's architecture and
+weights, fine-tuned at a tenth of the rate), as BLIP starts from an ImageNet ViT; measured in the
+README's "Fusion encoders on shapes" table (`python -m benchmarks.shapes_fusion`).
   mmjax-train --config experiments/blip/shapes.py --workdir runs/blip_shapes
+  mmjax-train --config experiments/blip/shapes.py:clip=runs/clip --workdir runs/blip_shapes_from_clip
   mmjax-train --config experiments/blip/shapes.py:steps=1800 --workdir runs/blip_shapes_long
 """
 
 import ml_collections
 
-from mmjax import configs, smoke
-from mmjax.data import shapes_captions, shapes_render
+from mmjax import configs, shapes_bridges, smoke
+from mmjax.data import shapes_captions
 
 # The shapes tokenizer's vocabulary (mmjax/data/tokenizers/shapes_vocab.txt) + BLIP's [DEC], [ENC].
 TOKENIZER_VOCAB = 198
 CONTEXT = 24
 
 
-def attribute_words() -> dict:
-    """{field: entries} for the captioning evaluator: each colour, and each shape with its synonyms."""
-    return {"color": list(shapes_render.COLORS),
-            "shape": [sorted(set(shapes_captions.SHAPE_WORDS[s])) for s in shapes_render.SHAPES]}
-
-
 def get_config(arg=None):
-    arg = configs.parse_arg(arg, steps=500, batch=64, queue=512, alpha=0.4, smoke=False)
+    arg = configs.parse_arg(arg, clip=None, steps=500, batch=64, queue=512, alpha=0.4, smoke=False)
     c = ml_collections.ConfigDict()
     c.task = "blip"
     c.seed = 0
@@ -66,6 +65,10 @@ def get_config(arg=None):
         worker_count=0,
     )
     c.optimizer = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, grad_clip_norm=1.0)
+    if arg.clip:   # the image encoder from the main job's CLIP run, fine-tuned at a tenth of the rate
+        c.model.vision = dict(shapes_bridges.VISION)
+        c.init = shapes_bridges.clip_image_tower_init(arg.clip, "vision_model")
+        c.optimizer.lr_multipliers = ((r"^vision_model/", 0.1),)
     c.schedule = dict(lr=5e-4, warmup_steps=50, decay="cosine", end_lr=0.0)
     c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
     c.sharding = "dp"
@@ -76,12 +79,14 @@ def get_config(arg=None):
     c.evals = dict(
         every_steps=0,   # at the end
         itm_retrieval=dict(kind="itm_retrieval", data=test,
-                           pp=pp_eval + "|tokenize(key='caption',out='text')|keep('image','text')",
-                           batch_size=250, max_examples=500, ks=(1, 5), k=16, add_itc=True),
+                           pp=pp_eval + "|tokenize(key='caption',out='text')"
+                                        "|keep('image','text','caption','color','shape','size','position')",
+                           batch_size=250, max_examples=500, ks=(1, 5), k=16, add_itc=True,
+                           attribute_words=shapes_captions.attribute_words()),
         captioning=dict(kind="captioning", data=test,
-                        pp=pp_eval + "|keep('image','caption','color','shape')",
+                        pp=pp_eval + "|keep('image','caption','color','shape','size','position')",
                         batch_size=250, max_examples=500, generation=dict(max_new_tokens=CONTEXT - 1),
-                        attribute_words=attribute_words()),
+                        attribute_words=shapes_captions.attribute_words()),
     )
     if arg.smoke:
         smoke.short_run(c, steps=4, log_every=2)

@@ -13,21 +13,34 @@ Measured (default settings, 1000 steps of 64, one run, seed 0, 1000 held-out tes
 size, which a pooled average of the patches carries, are learned; shape and position, which need
 attention to pick out the shape's patches (the 3×3 positions of a large shape differ by 4–6
 pixels), stay near chance in this budget, and longer or larger runs are not measured yet.
+
+`clip=RUN` starts the transformer from the main job's CLIP image tower (FROM_CLIP below; width 128,
+depth 4), as ViLT starts from an ImageNet-21k ViT; measured in the README's "Fusion encoders on
+shapes" table.
   mmjax-train --config experiments/vilt/shapes_vqa.py --workdir runs/vilt_shapes_vqa
+  mmjax-train --config experiments/vilt/shapes_vqa.py:clip=runs/clip --workdir runs/vilt_shapes_vqa_from_clip
   mmjax-train --config experiments/vilt/shapes_vqa.py:steps=3000,width=128,depth=4,patch=4 --workdir runs/vilt_vqa_b
 """
 
 import ml_collections
 
-from mmjax import configs, smoke
+from mmjax import configs, shapes_bridges, smoke
 from mmjax.data.shapes_vqa import QUESTION_TYPES
 
 PP_IMAGE = "resize(32)|value_range(-1,1)"
 PP_QUESTION = "shapes_question(out='question')|tokenize(key='question',out='text')"
+# `clip=RUN`: the transformer, its conv stem, [CLS] and image position embeddings from the main job's
+# CLIP image tower (as ViLT starts from an ImageNet-21k ViT-B/32); the text and modality embeddings,
+# pooler and VQA head fresh. CLIP's pre-norm (ViLT has none) is left out.
+FROM_CLIP = dict(rules=[(r"(stem|encoder)/(.*)", r"visual/\1/\2"), (r"cls", r"visual/cls"),
+                        (r"pos_embedding", r"visual/posemb/pos_embedding"), (r"ln_final/(.*)", r"visual/norm/\1")],
+                 fresh=[r"text_embeddings/.*", r"modality_embedding/.*", r"pooler/.*", r"vqa_head/.*"],
+                 drop=[r"visual/ln_pre/.*", *shapes_bridges.CLIP_UNUSED])
 
 
 def get_config(arg=None):
-    arg = configs.parse_arg(arg, steps=1000, batch=64, width=64, depth=2, patch=8, stem=True, lr=2e-3, smoke=False)
+    arg = configs.parse_arg(arg, clip=None, steps=1000, batch=64, width=64, depth=2, patch=8, stem=True, lr=2e-3,
+                            smoke=False)
     c = ml_collections.ConfigDict()
     c.task = "vilt_vqa"
     c.seed = 0
@@ -45,6 +58,12 @@ def get_config(arg=None):
     )
     c.optimizer = dict(name="adamw", b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01, grad_clip_norm=1.0)
     c.schedule = dict(lr=arg.lr, warmup_steps=100, decay="cosine", end_lr=0.0)
+    if arg.clip:   # the CLIP image tower's shape; its parts learn at a quarter of the rate
+        vision = shapes_bridges.VISION
+        c.model.update({k: vision[k] for k in ("width", "depth", "num_heads", "mlp_dim", "patch_size", "ln_eps",
+                                               "conv_stem")})
+        c.init = dict(source=arg.clip, **FROM_CLIP)
+        c.optimizer.lr_multipliers = ((r"^(stem|encoder|cls|pos_embedding|ln_final)", 0.25),)
     c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
     c.sharding = "dp"
     c.log_every_steps = 50

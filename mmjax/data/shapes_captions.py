@@ -108,6 +108,15 @@ def position_phrases() -> list[list[str]]:
     return out
 
 
+def attribute_words() -> dict[str, list[list[str]]]:
+    """{example field: the phrases that name each of its values}, for evaluators that read which
+    colour, shape, size and position a caption names (mmjax.evaluate.attributes)."""
+    return {"color": [[c] for c in render.COLORS],
+            "shape": [sorted(set(SHAPE_WORDS[s])) for s in render.SHAPES],
+            "size": [sorted(set(_SIZE_WORDS[s])) for s in render.SIZES],
+            "position": position_phrases()}
+
+
 def recaption(color: int, shape: int, size: int, position: int, rng: np.random.Generator) -> str:
     """Another caption of a scene known by its factors (an example's fields; the background, which
     the examples do not record, drawn anew): a paraphrase of the example's own caption."""

@@ -55,6 +55,26 @@ def recall_from_scores(scores_i2t: np.ndarray, scores_t2i: np.ndarray, ks: Seque
     return out
 
 
+def recall_with_relevance(scores_i2t: np.ndarray, scores_t2i: np.ndarray, relevant: np.ndarray,
+                          ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """R@K both ways where any pair marked in `relevant` (n_img, n_txt) counts as a hit, not only
+    each item's own partner: for data sets whose captions also describe other images (the shapes
+    data's "a red circle" fits every red circle). `relevant = eye` gives `recall_from_scores`."""
+    n_img, n_txt = scores_i2t.shape
+    relevant = np.asarray(relevant, bool)
+    if relevant.shape != (n_img, n_txt) or scores_t2i.shape != (n_txt, n_img):
+        raise ValueError(f"scores_i2t, scores_t2i and relevant must be (n_img, n_txt), (n_txt, n_img) and "
+                         f"(n_img, n_txt); got {scores_i2t.shape}, {scores_t2i.shape}, {relevant.shape}")
+    out = {}
+    for way, scores, rel in (("i2t", scores_i2t, relevant), ("t2i", scores_t2i, relevant.T)):
+        order = np.argsort(-scores, axis=1, kind="stable")
+        hits = np.take_along_axis(rel, order, axis=1)
+        first = np.where(hits.any(axis=1), hits.argmax(axis=1), np.iinfo(np.int64).max)
+        for k in ks:
+            out[f"{way}_r{k}"] = float(np.mean(first < k))
+    return out
+
+
 def top_k_candidates(sims: np.ndarray, k: int) -> np.ndarray:
     """(rows, min(k, columns)) column indices of each row's k highest scores, best first (ties:
     the lower index first): the candidates that ITM re-ranking scores (ALBEF/BLIP `k_test`)."""

@@ -102,20 +102,6 @@ def test_a_caption_naming_nothing_has_attribute_accuracy_zero(data):
     assert got["cap/color_accuracy"] == 0.0 and got["cap/shape_accuracy"] == 0.0 and got["cap/cider"] < 0.5
 
 
-POSITIONS = ["top left", "top", "left"]
-
-
-@pytest.mark.parametrize("caption, entries, right, ok", [
-    ("a red circle", ["red", "blue"], 0, True), ("a red and blue circle", ["red", "blue"], 0, False),
-    ("a blue circle", ["red", "blue"], 0, False), ("A star, top left.", POSITIONS, 0, True),
-    ("a star at the left", POSITIONS, 2, True), ("a star at the top left", POSITIONS, 2, False),
-    ("a five pointed star", [["star", "five pointed star"], "circle"], 0, True),
-    ("a tiny box", [["square", "box"], "circle"], 0, True), ("a boxer", [["square", "box"]], 0, False),
-])
-def test_an_attribute_counts_when_named_alone(caption, entries, right, ok):
-    assert captioning.names_attribute(caption, right, entries) is ok
-
-
 def test_bad_settings_and_empty_splits_are_named(data):
     with pytest.raises(ValueError, match=r"evals\.cap\.generation: unknown key\(s\) \['beams'\]"):
         _run(data, data[2], generation={"beams": 3})

@@ -9,8 +9,8 @@ import pytest
 from ml_collections import ConfigDict
 
 from mmjax import sharding
-from mmjax.data import sources, tokenizers
-from mmjax.evaluate import retrieval, runner
+from mmjax.data import shapes_captions, sources, tokenizers
+from mmjax.evaluate import attributes, retrieval, runner
 from mmjax.evaluate.drivers import itm_retrieval
 
 N = 40
@@ -172,3 +172,28 @@ class _WithoutItm:
 
     def embed_texts(self, params, tokens):
         return tokens
+
+
+def test_attribute_words_add_recall_over_every_true_caption(split):
+    """`attribute_words`: the same rankings scored with every caption true of the image a hit."""
+    words = shapes_captions.attribute_words()
+    itm = np.random.default_rng(2).normal(size=(N, N)) + 2.0 * np.eye(N)
+    pp = "tokenize(key='caption', out='text')|keep('image', 'text', 'caption', 'color', 'shape', 'size', 'position')"
+    got, _ = _run(split, itm, k=8, ks=(1, 5), add_itc=False, pp=pp, attribute_words=words)
+    source = sources.get_source(DATA)
+    examples = [source[i] for i in range(N)]
+    relevant = attributes.consistent_pairs([e["caption"] for e in examples],
+                                           {f: np.array([e[f] for e in examples]) for f in words}, words)
+    sims = _sims(split)
+    want = retrieval.recall_with_relevance(sims, sims.T, relevant, (1, 5))
+    assert {m: got[f"ret/itc_consistent_{m}"] for m in want} == pytest.approx(want)
+    for m in want:   # the own caption is always true, so consistent recall is never below the exact one
+        assert got[f"ret/itc_consistent_{m}"] >= got[f"ret/itc_{m}"]
+        assert got[f"ret/consistent_{m}"] >= got[f"ret/{m}"]
+    assert relevant.sum() > N and relevant.diagonal().all()   # some captions are true of other images
+    cand_i2t, cand_t2i = retrieval.top_k_candidates(sims, 8), retrieval.top_k_candidates(sims.T, 8)
+    rows = np.arange(N)[:, None]
+    reranked = retrieval.recall_with_relevance(
+        retrieval.reranked_scores(sims, cand_i2t, itm[rows, cand_i2t], False),
+        retrieval.reranked_scores(sims.T, cand_t2i, itm.T[rows, cand_t2i], False), relevant, (1, 5))
+    assert {m: got[f"ret/consistent_{m}"] for m in reranked} == pytest.approx(reranked)

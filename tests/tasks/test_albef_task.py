@@ -23,7 +23,7 @@ import pytest
 import trainer_process
 
 from mmjax import checkpoint, configs, tasks, train
-from mmjax.data import shapes, shapes_render
+from mmjax.data import shapes
 from mmjax.evaluate import retrieval
 from mmjax.losses import contrastive_queue
 from mmjax.tasks import momentum_state
@@ -58,50 +58,30 @@ def run(module_tmp):
     return config, workdir
 
 
-def _test_split(task):
-    examples = [shapes.generate_example(i, seed=shapes.SPLIT_SEEDS["test"], image_size=32) for i in range(TEST)]
-    images = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
-    tokens = np.asarray(task.tokenizer([e["caption"] for e in examples]), np.int32)
-    return images, tokens
-
-
-def _masked_word_accuracy(task, params, images, tokens, words: list[str]) -> tuple[float, int]:
-    """Masks the first token of `tokens` that is one of `words` (single WordPiece ids) in each
-    caption that has one; the share the MLM head fills in correctly, and how many were scored."""
-    ids = np.asarray(task.tokenizer(words), np.int32)[:, 1]        # [CLS] word [SEP]
-    hit = np.isin(tokens, ids)
-    rows = np.flatnonzero(hit.any(axis=1))
-    cols = hit[rows].argmax(axis=1)
-    masked = tokens[rows].copy()
-    masked[np.arange(len(rows)), cols] = task.tokenizer.mask_token_id
-    predicted = np.asarray(task.predict_masked(params, images[rows], masked))[np.arange(len(rows)), cols]
-    return float(np.mean(predicted == tokens[rows, cols])), len(rows)
-
-
 def test_albef_learns_far_above_chance(run):
+    """Measured with benchmarks/shapes_fusion.py's functions (the README's fusion table uses them)."""
+    from benchmarks.shapes_fusion import itm_scores, masked_word_accuracy
+
     config, workdir = run
     task = tasks.get_task(config)
     params = checkpoint.load_train_state(workdir)["params"]
-    images, tokens = _test_split(task)
+    examples = [shapes.generate_example(i, seed=shapes.SPLIT_SEEDS["test"], image_size=32) for i in range(TEST)]
+    images = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
+    tokens = np.asarray(task.tokenizer([e["caption"] for e in examples]), np.int32)
     zimg, ztxt = np.asarray(task.embed_images(params, images)), np.asarray(task.embed_texts(params, tokens))
     itc = retrieval.recall_at_k(zimg, ztxt, (1,))
     image_tokens = task.image_tokens(params, images)
-    # ITM on held-out pairs: each image with its caption and with the caption of another image.
-    other = np.roll(np.arange(TEST), 7)
-    positive = np.asarray(task.match_tokens(params, image_tokens, tokens))
-    negative = np.asarray(task.match_tokens(params, image_tokens, tokens[other]))
-    itm_accuracy = (np.mean(positive > 0) + np.mean(negative < 0)) / 2
     # ALBEF's retrieval protocol: the ITC top-k of every image, re-ranked by the ITM score.
     k = 8
     top = np.argsort(-(zimg @ ztxt.T), axis=1)[:, :k]
     scores = np.stack([np.asarray(task.match_tokens(params, image_tokens, tokens[top[:, j]])) for j in range(k)], 1)
     reranked_r1 = float(np.mean(top[np.arange(TEST), scores.argmax(axis=1)] == np.arange(TEST)))
-    colour, n_colour = _masked_word_accuracy(task, params, images, tokens, list(shapes_render.COLORS))
-    shape, n_shape = _masked_word_accuracy(task, params, images, tokens, list(shapes_render.SHAPES))
-    print(f"\nALBEF after {STEPS} steps of {BATCH}: ITM accuracy {itm_accuracy:.3f} (chance 0.5); i2t R@1 ITC "
-          f"{itc['i2t_r1']:.3f} -> ITM re-ranked top-{k} {reranked_r1:.3f} (chance {1 / TEST:.3f}); MLM colour "
-          f"word {colour:.3f} of {n_colour} (chance 0.25), shape word {shape:.3f} of {n_shape} (chance 1/6)")
-    assert colour > 0.4                                       # 1.6x chance; 0.51 measured
+    itm = itm_scores("albef", task, params, examples)
+    mlm = masked_word_accuracy(task, params, examples)
+    print(f"\nALBEF after {STEPS} steps of {BATCH}: ITM accuracy {itm['albef/itm_accuracy']:.3f} (chance 0.5); "
+          f"i2t R@1 ITC {itc['i2t_r1']:.3f} -> ITM re-ranked top-{k} {reranked_r1:.3f} (chance {1 / TEST:.3f}); "
+          f"MLM {', '.join(f'{k} {v:.3f}' for k, v in mlm.items())} (chance colour 0.25, shape 1/6, size 1/3)")
+    assert mlm["albef/mlm_color_accuracy"] > 0.4                       # 1.6x chance; 0.51 measured
     assert itc["i2t_r1"] >= 3 / TEST and reranked_r1 >= 3 / TEST     # chance 1 / TEST; 6 / TEST measured
 
 

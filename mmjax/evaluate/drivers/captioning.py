@@ -12,7 +12,6 @@ colours is wrong.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mmjax.evaluate import captioning_metrics, split
+from mmjax.evaluate.attributes import names_attribute
 from mmjax.evaluate.drivers import SPLIT_OPTIONS, column
 
 NEEDS = ("caption",)
@@ -49,26 +49,6 @@ def references_of(value: Any, index: int, name: str, key: str) -> list[str]:
     if not refs or not refs[0].strip():
         raise ValueError(f"evals.{name}: example {index} has no reference caption in {key!r}")
     return refs
-
-
-def _phrases(entry: str | Sequence[str]) -> list[str]:
-    words = [entry] if isinstance(entry, str) else list(entry)
-    return [captioning_metrics.tokenize_caption(w) for w in words]
-
-
-def _mentions(text: str, phrase: str) -> bool:
-    return re.search(rf"(?<!\S){re.escape(phrase)}(?!\S)", text) is not None
-
-
-def names_attribute(caption: str, right: int, entries: Sequence[str | Sequence[str]]) -> bool:
-    """Whether `caption` names entry `right` of `entries` and no other entry (module docstring)."""
-    text = captioning_metrics.tokenize_caption(caption)
-    own = sorted(_phrases(entries[right]), key=len, reverse=True)   # "light gray" before "gray"
-    if not any(_mentions(text, p) for p in own):
-        return False
-    for phrase in own:
-        text = re.sub(rf"(?<!\S){re.escape(phrase)}(?!\S)", " ", text)
-    return not any(_mentions(text, p) for i, e in enumerate(entries) if i != right for p in _phrases(e))
 
 
 def attribute_accuracy(captions: Sequence[str], labels: np.ndarray, entries: Sequence[str | Sequence[str]],

@@ -5,7 +5,9 @@ their embeddings; the k best of each query are then scored by the fusion encoder
 which sees the pair together and is far more accurate but costs one forward pass per pair. The
 final ranking is the ITM logit (+ the ITC similarity with `add_itc`, as BLIP does; ALBEF uses
 the logit alone) over the k candidates, every other item below them. Reported: ITC alone
-(NAME/itc_i2t_r1 ...) and re-ranked (NAME/i2t_r1 ...).
+(NAME/itc_i2t_r1 ...) and re-ranked (NAME/i2t_r1 ...); with `attribute_words`, both again counting
+any caption true of the image (NAME/itc_consistent_i2t_r1, NAME/consistent_i2t_r1; see the
+`retrieval` evaluator).
 
 A pair that is a candidate both ways is scored once. The pairs go to `match_tokens` in batches
 of one fixed size (the last padded), so its jit compiles once.
@@ -21,11 +23,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mmjax import sharding
-from mmjax.evaluate import retrieval, split
+from mmjax.evaluate import attributes, retrieval, split
 from mmjax.evaluate.drivers import SPLIT_OPTIONS, column
 
 NEEDS = ("embed_images", "embed_texts", "image_tokens", "match_tokens")
-OPTIONS = SPLIT_OPTIONS + ("ks", "k", "add_itc", "itm_batch_size")
+OPTIONS = SPLIT_OPTIONS + ("ks", "k", "add_itc", "itm_batch_size", "attribute_words")
 REQUIRED = ("data", "pp")
 DEFAULT_KS = (1, 5, 10)
 DEFAULT_K = 16
@@ -71,12 +73,15 @@ def run(task: Any, params: Any, mesh: Mesh, cfg: ml_collections.ConfigDict, name
         return (task.embed_images(params, images), task.embed_texts(params, column(batch, "text", name)),
                 task.image_tokens(params, images))
 
-    image_embs, text_embs, image_tokens, tokens = [], [], [], []
+    words = dict(cfg.get("attribute_words") or {})
+    image_embs, text_embs, image_tokens, tokens, columns = [], [], [], [], []
     for batch, (i, t, tok) in split.run_over_split(cfg, mesh, embed, tokenizer=task.tokenizer, name=f"evals.{name}"):
         image_embs.append(i)
         text_embs.append(t)
         image_tokens.append(tok)
         tokens.append(np.asarray(column(batch, "text", name)))
+        if words:
+            columns.append(attributes.caption_columns(batch, words, lambda b, key: column(b, key, name)))
     image_tokens, tokens = _concat(image_tokens), np.concatenate(tokens)
     sims = retrieval.similarities(np.concatenate(image_embs), np.concatenate(text_embs))   # (images, texts)
 
@@ -92,6 +97,12 @@ def run(task: Any, params: Any, mesh: Mesh, cfg: ml_collections.ConfigDict, name
 
     add_itc = bool(cfg.get("add_itc", True))
     itc = retrieval.recall_from_scores(sims, sims.T, ks)
-    reranked = retrieval.recall_from_scores(retrieval.reranked_scores(sims, i2t, itm_i2t, add_itc),
-                                            retrieval.reranked_scores(sims.T, t2i, itm_t2i, add_itc), ks)
-    return {**{f"{name}/itc_{m}": v for m, v in itc.items()}, **{f"{name}/{m}": v for m, v in reranked.items()}}
+    rerank_i2t = retrieval.reranked_scores(sims, i2t, itm_i2t, add_itc)
+    rerank_t2i = retrieval.reranked_scores(sims.T, t2i, itm_t2i, add_itc)
+    reranked = retrieval.recall_from_scores(rerank_i2t, rerank_t2i, ks)
+    out = {**{f"{name}/itc_{m}": v for m, v in itc.items()}, **{f"{name}/{m}": v for m, v in reranked.items()}}
+    if words:
+        for prefix, (s_i2t, s_t2i) in (("itc_", (sims, sims.T)), ("", (rerank_i2t, rerank_t2i))):
+            recalls = attributes.consistent_recalls(columns, s_i2t, s_t2i, words, ks)
+            out.update({f"{name}/{prefix}consistent_{m}": v for m, v in recalls.items()})
+    return out
