@@ -36,7 +36,7 @@ def _recipes(runs: str) -> list[tuple[str, str]]:
     clip = os.path.join(runs, "clip")
     return [("clip", "experiments/clip/shapes.py"),
             ("albef", f"experiments/albef/shapes.py:clip={clip}"),
-            ("blip", f"experiments/blip/shapes.py:clip={clip}"),
+            ("blip", f"experiments/blip/shapes.py:clip={clip},steps=1500"),
             ("vilt", f"experiments/vilt/shapes_vqa.py:clip={clip}")]
 
 
