@@ -99,11 +99,8 @@ def stage1_scores(config, params, examples: list[dict]) -> dict[str, float]:
     mask = tokens != task.tokenizer.pad_token_id
     image_tokens = task.image_tokens(params, _images(examples))
     n = len(examples)
-    other = [next(j for k in range(1, n) for j in [(i + k) % n]
-                  if examples[j]["color"] != examples[i]["color"] and examples[j]["shape"] != examples[i]["shape"])
-             for i in range(n)]
     own = np.asarray(task.match_tokens(params, image_tokens, tokens))
-    wrong = np.asarray(task.match_tokens(params, image_tokens, tokens[np.array(other)]))
+    wrong = np.asarray(task.match_tokens(params, image_tokens, tokens[other_class(examples)]))
     image_embeds = model.apply({"params": params}, image_tokens, method="embed_image")
     text_embeds = model.apply({"params": params}, tokens, mask, method="embed_text")
     sims = np.asarray(blip2.itc_scores(image_embeds, text_embeds))
@@ -112,33 +109,51 @@ def stage1_scores(config, params, examples: list[dict]) -> dict[str, float]:
             "stage1/itc_t2i_r1": float(np.mean(sims.argmax(axis=0) == np.arange(n)))}
 
 
+def other_class(examples: list[dict]) -> np.ndarray:
+    """For each example, the next one of another colour and another shape (ITM's wrong caption)."""
+    n = len(examples)
+    return np.array([next(j for k in range(1, n) for j in [(i + k) % n]
+                          if examples[j]["color"] != examples[i]["color"]
+                          and examples[j]["shape"] != examples[i]["shape"]) for i in range(n)])
+
+
+def run_chain(recipes: list[tuple[str, str]], runs: str, seconds: dict[str, float]) -> tuple[dict, dict]:
+    """Trains each (name, spec) into RUNS/<name> unless that workdir holds its final step, recording
+    the training time in `seconds`; returns {name: config} and every run's final evaluations."""
+    configs_by_run, results = {}, {}
+    for name, spec in recipes:
+        config = configs_by_run[name] = configs.load_config(spec)
+        workdir = os.path.join(runs, name)
+        if not _finished(workdir, int(config.total_steps)):
+            start = time.perf_counter()
+            train.train(config, workdir)
+            seconds[name] = round(time.perf_counter() - start, 1)
+        results.update({f"{name}/{k}": v for k, v in _final_evals(workdir).items()})
+    return configs_by_run, results
+
+
+def write_report(path: str, report: dict) -> None:
+    """Writes the report as JSON and prints its metrics."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1, sort_keys=True)
+    for key, value in sorted(report["metrics"].items()):
+        print(f"{key:50s} {value:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", required=True, help="folder of the chain's workdirs")
     parser.add_argument("--out", default="benchmarks/results/shapes_bridges.json")
     args = parser.parse_args()
-    results, seconds = {}, {}
-    configs_by_run = {}
-    for name, spec in _recipes(args.runs):
-        config = configs.load_config(spec)
-        configs_by_run[name] = config
-        workdir = os.path.join(args.runs, name)
-        if not _finished(workdir, int(config.total_steps)):
-            start = time.perf_counter()
-            train.train(config, workdir)
-            seconds[name] = round(time.perf_counter() - start, 1)
-        if name != "lm":                    # the LM's run has no evaluations: measured below
-            results.update({f"{name}/{k}": v for k, v in _final_evals(workdir).items()})
+    seconds: dict[str, float] = {}
+    configs_by_run, results = run_chain(_recipes(args.runs), args.runs, seconds)
+    results = {k: v for k, v in results.items() if not k.startswith("lm/")}   # the LM is measured below
     examples = held_out()
     params = lambda name: checkpoint.load_train_state(os.path.join(args.runs, name), params_only=True)["params"]  # noqa: E731
     results.update(lm_answers(configs_by_run["lm"], params("lm"), examples))
     results.update(stage1_scores(configs_by_run["blip2_stage1"], params("blip2_stage1"), examples))
-    report = {"held_out": HELD_OUT, "metrics": results, "train_seconds": seconds}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1, sort_keys=True)
-    for key, value in sorted(results.items()):
-        print(f"{key:50s} {value:.3f}")
+    write_report(args.out, {"held_out": HELD_OUT, "metrics": results, "train_seconds": seconds})
 
 
 if __name__ == "__main__":

@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import numpy as np
 
-from benchmarks.shapes_bridges import _final_evals, _finished, _images, held_out
-from mmjax import checkpoint, configs, tasks, train
+from benchmarks.shapes_bridges import _images, held_out, other_class, run_chain, write_report
+from mmjax import checkpoint, tasks
 from mmjax.data import shapes_captions, shapes_render
 
 
@@ -40,20 +39,12 @@ def _recipes(runs: str) -> list[tuple[str, str]]:
             ("vilt", f"experiments/vilt/shapes_vqa.py:clip={clip}")]
 
 
-def _other_class(examples: list[dict]) -> np.ndarray:
-    """For each example, the next one of another colour and another shape."""
-    n = len(examples)
-    return np.array([next(j for k in range(1, n) for j in [(i + k) % n]
-                          if examples[j]["color"] != examples[i]["color"]
-                          and examples[j]["shape"] != examples[i]["shape"]) for i in range(n)])
-
-
 def itm_scores(name: str, task, params, examples: list[dict]) -> dict[str, float]:
     """ITM on the own caption against another colour-and-shape's caption."""
     tokens = np.asarray(task.tokenizer([e["caption"] for e in examples]))
     image_tokens = task.image_tokens(params, _images(examples))
     own = np.asarray(task.match_tokens(params, image_tokens, tokens))
-    wrong = np.asarray(task.match_tokens(params, image_tokens, tokens[_other_class(examples)]))
+    wrong = np.asarray(task.match_tokens(params, image_tokens, tokens[other_class(examples)]))
     return {f"{name}/itm_own_above_other": float(np.mean(own > wrong)),
             f"{name}/itm_accuracy": float((np.mean(own > 0) + np.mean(wrong < 0)) / 2)}
 
@@ -86,19 +77,11 @@ def main() -> None:
     parser.add_argument("--runs", required=True, help="folder of the chain's workdirs")
     parser.add_argument("--out", default="benchmarks/results/shapes_fusion.json")
     args = parser.parse_args()
-    results, configs_by_run = {}, {}
     seconds = {}     # training time of each run; a run finished earlier keeps what --out recorded then
     if os.path.exists(args.out):
         with open(args.out) as f:
             seconds = json.load(f).get("train_seconds", {})
-    for name, spec in _recipes(args.runs):
-        config = configs_by_run[name] = configs.load_config(spec)
-        workdir = os.path.join(args.runs, name)
-        if not _finished(workdir, int(config.total_steps)):
-            start = time.perf_counter()
-            train.train(config, workdir)
-            seconds[name] = round(time.perf_counter() - start, 1)
-        results.update({f"{name}/{k}": v for k, v in _final_evals(workdir).items()})
+    configs_by_run, results = run_chain(_recipes(args.runs), args.runs, seconds)
     examples = held_out()
     for name in ("albef", "blip"):
         task = tasks.get_task(configs_by_run[name])
@@ -109,11 +92,7 @@ def main() -> None:
     report = {"held_out": len(examples), "metrics": results, "train_seconds": seconds,
               "chance": {"itm": 0.5, "mlm_color": 1 / len(shapes_render.COLORS),
                          "mlm_shape": 1 / len(shapes_render.SHAPES), "mlm_size": 1 / len(shapes_render.SIZES)}}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1, sort_keys=True)
-    for key, value in sorted(results.items()):
-        print(f"{key:50s} {value:.3f}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":
