@@ -33,7 +33,7 @@ def get_config(arg=None):
     c.model = dict(
         embed_dim=128,
         image=dict(width=128, depth=4, num_heads=4, mlp_dim=512, patch_size=8, ln_eps=1e-5,
-                   conv_stem=(32, 64) if arg.stem else ()),
+                   conv_stem=(32, 64) if arg.stem else (), conv_stem_depth=1),
         text=dict(vocab_size=256, context_length=16, width=128, depth=2, num_heads=4, mlp_dim=512),
         logit_bias_init=-10.0 if arg.loss == "siglip" else None,
         logit_scale_init=2.302585 if arg.loss == "siglip" else 2.659260,  # ln 10 (SigLIP), ln(1/0.07)

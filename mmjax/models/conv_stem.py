@@ -16,11 +16,15 @@ from mmjax import layers
 
 
 class ConvStem(nn.Module):
-    """NHWC images -> (B, H/patch, W/patch, width) through `len(channels)` stride-2 convolutions."""
+    """NHWC images -> (B, H/patch, W/patch, width) through `len(channels)` stride-2 convolutions.
+
+    `depth` convolutions per stage: the stage's stride-2 one, then `depth - 1` of stride 1 that see
+    the halved map again (more local shape capacity for few FLOPs on small images)."""
 
     width: int
     patch_size: tuple[int, int]
     channels: tuple[int, ...]
+    depth: int = 1
     dtype: layers.Dtype = jnp.float32
 
     @nn.compact
@@ -29,9 +33,11 @@ class ConvStem(nn.Module):
         if self.patch_size[0] % reduction or self.patch_size[1] % reduction:
             raise ValueError(f"A conv stem of {len(self.channels)} stride-2 layers needs a patch size "
                              f"divisible by {reduction}, got {self.patch_size}")
+        if self.depth < 1:
+            raise ValueError(f"A conv stem needs depth >= 1 convolutions per stage, got {self.depth}")
         x = images
-        for i, c in enumerate(self.channels):
-            x = nn.Conv(c, (3, 3), strides=(2, 2), padding="SAME", use_bias=False, dtype=self.dtype,
+        for i, (c, stride) in enumerate(stem_layers(self.channels, self.depth)):
+            x = nn.Conv(c, (3, 3), strides=(stride, stride), padding="SAME", use_bias=False, dtype=self.dtype,
                         name=f"conv{i}",
                         kernel_init=layers.dense_init((None, None, None, None), nn.initializers.he_normal()))(x)
             x = nn.gelu(nn.LayerNorm(1e-6, dtype=jnp.float32, name=f"norm{i}")(x)).astype(self.dtype)
@@ -39,3 +45,8 @@ class ConvStem(nn.Module):
         return nn.Conv(self.width, last, strides=last, padding="VALID", dtype=self.dtype, name="proj",
                        kernel_init=layers.dense_init((None, None, None, "embed"), nn.initializers.lecun_normal()),
                        bias_init=layers.dense_init(("embed",), nn.initializers.zeros))(x)
+
+
+def stem_layers(channels: tuple[int, ...], depth: int = 1) -> list[tuple[int, int]]:
+    """(channels, stride) of each 3×3 convolution, in order: per stage one stride-2, then stride 1."""
+    return [(c, 2 if j == 0 else 1) for c in channels for j in range(depth)]

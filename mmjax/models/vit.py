@@ -139,6 +139,7 @@ class ViT(nn.Module):
     fc_norm: bool = False           # norm the pooled vector instead of all tokens
     patch_bias: bool = True
     conv_stem: tuple[int, ...] = ()  # channels of stride-2 3x3 convs before patchify; () = plain patchify
+    conv_stem_depth: int = 1        # 3x3 convs per stem stage (the first strided)
     num_classes: int | None = None
     representation_size: int | None = None
     head_zero_init: bool = True
@@ -215,8 +216,8 @@ class ViT(nn.Module):
         width = arch["width"]
 
         if self.conv_stem:
-            x = conv_stem.ConvStem(width, arch["patch_size"], tuple(self.conv_stem), dtype=self.dtype,
-                                   name="stem")(images.astype(self.dtype))
+            x = conv_stem.ConvStem(width, arch["patch_size"], tuple(self.conv_stem),
+                                   self.conv_stem_depth, dtype=self.dtype, name="stem")(images.astype(self.dtype))
         else:
             x = layers.PatchEmbed(width, arch["patch_size"], use_bias=self.patch_bias, dtype=self.dtype,
                                   name="embedding")(images.astype(self.dtype))
@@ -281,9 +282,9 @@ def patch_embed_flops(model: ViT, image_hw: tuple[int, int]) -> float:
     patch, width = model.arch()["patch_size"], model.arch()["width"]
     hw, channels = tuple(image_hw), model.in_channels
     count = 0.0
-    for c in model.conv_stem:          # SAME padding: each layer halves h and w
-        count += flops.conv(hw, (3, 3), channels, c, stride=2)
-        hw, channels = (-(-hw[0] // 2), -(-hw[1] // 2)), c
+    for c, stride in conv_stem.stem_layers(tuple(model.conv_stem), model.conv_stem_depth):
+        count += flops.conv(hw, (3, 3), channels, c, stride=stride)   # SAME padding
+        hw, channels = (-(-hw[0] // stride), -(-hw[1] // stride)), c
     reduction = 2 ** len(model.conv_stem)
     return count + flops.patch_embed(hw, (patch[0] // reduction, patch[1] // reduction), channels, width)
 

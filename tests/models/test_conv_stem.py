@@ -21,6 +21,21 @@ def test_stem_gives_the_patch_grid_and_width():
     assert variables["params"]["proj"]["kernel"].shape == (2, 2, 32, 48)
 
 
+def test_deeper_stages_add_stride_1_convs_and_their_flops():
+    """depth=2: each stage is a stride-2 conv then a stride-1 one on the halved map; the analytic
+    count the trainer logs matches XLA's for the whole stem."""
+    stem = conv_stem.ConvStem(width=48, patch_size=(8, 8), channels=(16, 32), depth=2)
+    images = jnp.ones((1, 32, 32, 3))
+    variables = nn.unbox(stem.init(jax.random.key(0), images))
+    assert stem.apply(variables, images).shape == (1, 4, 4, 48)
+    kernels = [variables["params"][f"conv{i}"]["kernel"].shape for i in range(4)]
+    assert kernels == [(3, 3, 3, 16), (3, 3, 16, 16), (3, 3, 16, 32), (3, 3, 32, 32)]
+    model = vit.ViT(width=48, depth=1, mlp_dim=64, num_heads=2, patch_size=8, conv_stem=(16, 32), conv_stem_depth=2)
+    xla = jax.jit(stem.apply).lower(variables, images).compile().cost_analysis()["flops"]
+    convs = vit.patch_embed_flops(model, (32, 32))
+    assert convs == pytest.approx(xla, rel=0.1)     # XLA also counts the norms and activations (6%)
+
+
 def test_stem_output_is_local():
     """A pixel change moves only the tokens whose receptive field covers it."""
     stem = conv_stem.ConvStem(width=8, patch_size=(8, 8), channels=(4, 4, 4))
@@ -38,6 +53,12 @@ def test_vit_with_conv_stem_classifies():
     variables = model.init(jax.random.key(0), images)
     assert "stem" in variables["params"] and "embedding" not in variables["params"]
     assert model.apply(variables, images)["logits"].shape == (2, 5)
+
+
+def test_stem_depth_below_one_is_an_error():
+    with pytest.raises(ValueError, match="depth >= 1"):
+        conv_stem.ConvStem(width=8, patch_size=(4, 4), channels=(4,), depth=0).init(
+            jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
 
 
 def test_patch_not_divisible_by_stem_reduction_is_an_error():
