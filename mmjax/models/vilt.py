@@ -97,6 +97,7 @@ class ViLT(nn.Module):
     image_size: int | tuple[int, int] = 384     # the stored position grid is image_size // patch
     in_channels: int = 3
     conv_stem: tuple[int, ...] = ()   # not ViLT's: stride-2 3x3 convs before patchify (mmjax.models.conv_stem)
+    conv_stem_depth: int = 1          # 3x3 convs per stem stage (the first strided)
     vocab_size: int = 30522
     max_len: int = 40
     type_vocab_size: int = 2
@@ -170,8 +171,8 @@ class ViLT(nn.Module):
     def _image_tokens(self, images: jax.Array, width: int, train: bool) -> jax.Array:
         """[CLS] + patch embeddings with (resampled) position embeddings: (B, 1 + h*w, D)."""
         if self.conv_stem:
-            patches = conv_stem.ConvStem(width, self.arch()["patch_size"], tuple(self.conv_stem), dtype=self.dtype,
-                                         name="stem")(images.astype(self.dtype))
+            patches = conv_stem.ConvStem(width, self.arch()["patch_size"], tuple(self.conv_stem),
+                                         self.conv_stem_depth, dtype=self.dtype, name="stem")(images.astype(self.dtype))
         else:
             patches = layers.PatchEmbed(width, self.arch()["patch_size"], dtype=self.dtype,
                                         name="patch_embed")(images.astype(self.dtype))
