@@ -278,15 +278,12 @@ def tokens_seen(model: ViT, image_hw: tuple[int, int], train: bool = False) -> i
 
 
 def patch_embed_flops(model: ViT, image_hw: tuple[int, int]) -> float:
-    """The patchify convolution, or the conv stem's 3×3 stride-2 layers plus its last conv."""
+    """The patchify convolution, or the conv stem (its own count). Also used for ViLT's image side."""
     patch, width = model.arch()["patch_size"], model.arch()["width"]
-    hw, channels = tuple(image_hw), model.in_channels
-    count = 0.0
-    for c, stride in conv_stem.stem_layers(tuple(model.conv_stem), model.conv_stem_depth):
-        count += flops.conv(hw, (3, 3), channels, c, stride=stride)   # SAME padding
-        hw, channels = (-(-hw[0] // stride), -(-hw[1] // stride)), c
-    reduction = 2 ** len(model.conv_stem)
-    return count + flops.patch_embed(hw, (patch[0] // reduction, patch[1] // reduction), channels, width)
+    if model.conv_stem:
+        stem = conv_stem.ConvStem(width, patch, tuple(model.conv_stem), model.conv_stem_depth)
+        return stem.count_flops(tuple(image_hw), model.in_channels)
+    return flops.patch_embed(tuple(image_hw), patch, model.in_channels, width)
 
 
 def forward_flops(model: ViT, image_hw: tuple[int, int], train: bool = False) -> dict[str, float]:
