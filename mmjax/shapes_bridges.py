@@ -14,9 +14,10 @@ from __future__ import annotations
 from mmjax.data import shapes_captions, shapes_render
 from mmjax.data import shapes_vqa as vqa
 
-# The main job's CLIP image tower (experiments/clip/shapes.py), every token out.
-VISION = dict(variant=None, width=128, depth=4, num_heads=4, mlp_dim=512, patch_size=8, ln_eps=1e-5,
-              conv_stem=(32, 64), pre_norm=True, patch_bias=False, class_token=True)
+# The main job's CLIP image tower (experiments/clip/shapes.py, IMAGE_TOWER), every token out; a `clip=RUN`
+# warm start reads it from that run (tests/test_warm_start.py checks that the shapes agree).
+VISION = dict(variant=None, width=256, depth=1, num_heads=8, mlp_dim=256, patch_size=8, ln_eps=1e-5,
+              conv_stem=(32, 64), conv_stem_depth=3, pre_norm=True, patch_bias=False, class_token=True)
 # The frozen LM of experiments/lm/shapes.py and its word tokenizer (caption and question words).
 LM = dict(kind="llama", width=128, depth=2, num_heads=4, mlp_dim=352, vocab_size=94, max_len=64)
 LM_CONTEXT = 40

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from mmjax import (
     checkpoint,
     configs,
+    cpu_devices,
     distributed,
     faults,
     flops,
@@ -312,6 +313,8 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str, arg
     with config.unlocked():  # trainer options an experiment may leave out, still overridable
         if "nonfinite" not in config:
             config.nonfinite = faults.DEFAULT_MODE
+        if "cpu_devices" not in config:   # None: JAX's default, one CPU device
+            config.cpu_devices = None
         config.init = warm_start.config_block(config.get("init"))  # every key, so each is overridable
     config = configs.apply_overrides(config, rest)
     return config, args.workdir, args
@@ -319,6 +322,7 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str, arg
 
 def main(argv: Sequence[str] | None = None) -> None:
     config, workdir, args = parse_args(sys.argv[1:] if argv is None else argv)
+    cpu_devices.request(config.cpu_devices)   # before JAX's backends start
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     final = train(config, workdir, args.progress)
     if jax.process_index() == 0:

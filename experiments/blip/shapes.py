@@ -1,6 +1,6 @@
 """BLIP pretraining (Li et al. 2022) on the embedded shapes data set: ITC + ITM + captioning LM on the CPU.
 
-A small BLIP: a ViT/8 (width 128, depth 4) with the convolutional stem of experiments/clip/shapes.py
+A small BLIP: a ViT/8 (width 128, depth 4) with a convolutional stem (32, 64) (as the main job's CLIP)
 and a 2-layer BERT text encoder (width 128) whose causal decoder shares all but its self-attention
 (mmjax/models/blip_pretrain.py), trained with BLIP's three losses (mmjax/tasks/blip.py): ITC
 against a momentum model and queues of 8 batches with momentum distillation (α 0.4 ramped over
@@ -17,7 +17,7 @@ test images:
   Training LM token accuracy 0.59.
 * retrieval among 500 (chance R@1 0.002): ITC i2t / t2i R@1 0.004 / 0.022, R@5 0.038 / 0.120;
   ITM re-ranking of the ITC top-16: R@1 0.016 / 0.024, R@5 0.048 / 0.114 (the CLIP main job
-  reaches 0.27 / 0.24 after 1800 steps; many test captions are interchangeable).
+  reaches about 0.3 / 0.25; many test captions are interchangeable).
 * ITM did NOT learn in 500 steps: its training accuracy stays at 0.667, the rate of answering
   "no match" to every pair (1 positive : 2 hard negatives), loss 0.64 -> 0.61. A likely cause (not
   measured): the hard negatives come from an ITC whose temperature falls fast (logit scale

@@ -14,9 +14,9 @@ size, which a pooled average of the patches carries, are learned; shape and posi
 attention to pick out the shape's patches (the 3×3 positions of a large shape differ by 4–6
 pixels), stay near chance in this budget, and longer or larger runs are not measured yet.
 
-`clip=RUN` starts the transformer from the main job's CLIP image tower (FROM_CLIP below; width 128,
-depth 4), as ViLT starts from an ImageNet-21k ViT; measured in the README's "Fusion encoders on
-shapes" table.
+`clip=RUN` starts the transformer from the main job's CLIP image tower (FROM_CLIP below; width 256,
+one layer, a conv stem of depth 3), as ViLT starts from an ImageNet-21k ViT; measured in the
+README's "Fusion encoders on shapes" table.
   mmjax-train --config experiments/vilt/shapes_vqa.py --workdir runs/vilt_shapes_vqa
   mmjax-train --config experiments/vilt/shapes_vqa.py:clip=runs/clip --workdir runs/vilt_shapes_vqa_from_clip
   mmjax-train --config experiments/vilt/shapes_vqa.py:steps=3000,width=128,depth=4,patch=4 --workdir runs/vilt_vqa_b
@@ -48,7 +48,7 @@ def get_config(arg=None):
     c.answers = "shapes"
     c.model = dict(variant=None, width=arg.width, depth=arg.depth, num_heads=4, mlp_dim=4 * arg.width,
                    patch_size=arg.patch, image_size=32, vocab_size=256, max_len=16, ln_eps=1e-6,
-                   conv_stem=(32, 64) if arg.stem else ())
+                   conv_stem=(32, 64) if arg.stem else (), conv_stem_depth=1)
     c.input = dict(
         data=dict(name="mmjax_shapes", split="train"),
         batch_size=arg.batch,
@@ -61,7 +61,7 @@ def get_config(arg=None):
     if arg.clip:   # the CLIP image tower's shape; its parts learn at a quarter of the rate
         vision = shapes_bridges.VISION
         c.model.update({k: vision[k] for k in ("width", "depth", "num_heads", "mlp_dim", "patch_size", "ln_eps",
-                                               "conv_stem")})
+                                               "conv_stem", "conv_stem_depth")})
         c.init = dict(source=arg.clip, **FROM_CLIP)
         c.optimizer.lr_multipliers = ((r"^(stem|encoder|cls|pos_embedding|ln_final)", 0.25),)
     c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
