@@ -9,12 +9,12 @@ included, as BLIP's COCO evaluation). Differences from BLIP: a small ViT/8 with 
 stem and a 2-layer decoder from scratch instead of BLIP-base from pretraining, 32-pixel images, the
 shapes WordPiece vocabulary with one added id as [DEC].
 
-Expected (measured: 1000 steps of 64, seed 0, one run; 36 min on 2 CPU cores shared with other
-jobs, load average ~14): on 1000 held-out test images, beam 3, the caption names the image's colour
-in 0.999 of them (chance 1/4) and its shape in 0.31 (chance 1/6: shape is learnt slowly, as in
-experiments/clip/shapes.py); BLEU-4 0.17, CIDEr 1.50 against the one reference caption (greedy:
-0.999 / 0.29, BLEU-4 0.15, CIDEr 1.36). Final train loss 1.60 (label-smoothed). "Names" = contains
-a word of the right colour / shape and none of another (the captioning evaluator's rule).
+Expected (measured: 1000 steps of 64, seed 0, one run; 36 min on 2 CPU cores shared with other jobs,
+load average ~14): on 1000 held-out test images, beam 3, the caption names the image's colour in
+0.999 of them (chance 1/4) and its shape in 0.31 (chance 1/6: shape is learnt slowly, as it was by
+the main job's earlier ViT/8 tower); BLEU-4 0.17, CIDEr 1.50 against the one reference caption
+(greedy: 0.999 / 0.29, BLEU-4 0.15, CIDEr 1.36). Final train loss 1.60 (label-smoothed). "Names" =
+contains a word of the right colour / shape and none of another (the captioning evaluator's rule).
 E.g. "the square is blue and small" -> "there is a small blue square in the center of the image".
   mmjax-train --config experiments/blip/shapes_caption.py --workdir runs/blip_caption
   mmjax-train --config experiments/blip/shapes_caption.py:smoke=True --workdir /tmp/smoke_blip_caption

@@ -8,11 +8,13 @@ ALBEF: no fusion encoder, ITM or MLM (this is its ITC alone), momentum distillat
 default (`:distill=0.4` is ALBEF's α), the temperature is CLIP's learned logit scale.
 `mmjax.load(WORKDIR, which="ema")` loads the momentum model.
 
-Expected (measured: 1800 steps of 128, one run, seed 0): zero-shot top-1 0.71 (chance 1/24 ≈ 0.04;
-0.28 at step 500, 0.53 at step 1000), i2t / t2i R@1 0.23 / 0.22. Below the main job's 0.89 /
-0.27 / 0.24: the shapes captions name only 24 colour×shape classes, so about 1/24 of the 1024
-queued keys share the anchor's caption and act as false negatives (ALBEF's web captions have
-almost none; its momentum distillation, `:distill=0.4`, softens them; not measured here).
+Measured with the main job's earlier recipe (ViT/8 width 128, depth 4, one conv per stem stage,
+cosine decay, weight decay 0.05; before commit c0a99ee; not re-measured with today's main job): 1800
+steps of 128, one run, seed 0: zero-shot top-1 0.71 (chance 1/24 ≈ 0.04; 0.28 at step 500, 0.53 at
+step 1000), i2t / t2i R@1 0.23 / 0.22. Below that main job's 0.89 / 0.27 / 0.24: the shapes captions
+name only 24 colour×shape classes, so about 1/24 of the 1024 queued keys share the anchor's caption
+and act as false negatives (ALBEF's web captions have almost none; its momentum distillation,
+`:distill=0.4`, softens them; not measured here).
 Hardware and time: 39 min on 2 CPU cores shared with other jobs (one more forward pass per step
 than the main job: the momentum model's).
   mmjax-train --config experiments/clip/shapes_momentum.py --workdir runs/clip_momentum

@@ -33,8 +33,10 @@ def shapes_test(module_tmp):
     return data, str(tmp / "named"), str(tmp / "numbered")
 
 
-def _task_and_params(recipe, image_shape, **extra):
+def _task_and_params(recipe, image_shape, image_tower=None, **extra):
     config = configs.load_config(recipe)
+    if image_tower:
+        config.model.image.update(image_tower)
     task = tasks.get_task(config)
     batch = {"image": jnp.zeros((8, *image_shape)), **extra}
     abstract = nn.meta.unbox(jax.eval_shape(task.init_variables, jax.random.key(0), batch))["params"]
@@ -51,7 +53,11 @@ def _task_and_params(recipe, image_shape, **extra):
 
 def test_zeroshot_over_a_folder_equals_tfds_and_a_hand_count(shapes_test):
     data, named, _ = shapes_test
+    # The earlier main job's tower: with these random weights the one-layer tower over a deep conv stem
+    # (and the plain tower too) sends every image to one class.
     config, task, params, mesh = _task_and_params("experiments/clip/shapes.py:smoke=True", (32, 32, 3),
+                                                  image_tower=dict(width=128, depth=4, num_heads=4, mlp_dim=512,
+                                                                   conv_stem_depth=1),
                                                   text=jnp.zeros((8, 16), jnp.int32))
     cfg = config.evals.zeroshot
     with cfg.unlocked():
