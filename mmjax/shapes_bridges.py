@@ -14,7 +14,7 @@ from __future__ import annotations
 from mmjax.data import shapes_captions, shapes_render
 from mmjax.data import shapes_vqa as vqa
 
-# The main job's CLIP image tower (experiments/clip/shapes.py, IMAGE_TOWER), every token out; a `clip=RUN`
+# The main job's CLIP image tower (experiments/clip/shapes.py, RECIPE["image"]), every token out; a `clip=RUN`
 # warm start reads it from that run (tests/test_warm_start.py checks that the shapes agree).
 VISION = dict(variant=None, width=256, depth=1, num_heads=8, mlp_dim=256, patch_size=8, ln_eps=1e-5,
               conv_stem=(32, 64), conv_stem_depth=3, pre_norm=True, patch_bias=False, class_token=True)
